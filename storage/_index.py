@@ -1,0 +1,226 @@
+"""Sparse offset and time indexes of one segment, as numpy memmaps.
+
+Both are derived data: the .log is the truth, and an index that is missing or fails its
+sanity check is rebuilt from the log (see `Segment`). Both files are preallocated to
+`index_bytes_max` while their segment is active, and trimmed to their entries when it seals
+or the log closes cleanly, so a trimmed file's size tells its entry count.
+
+    .index      8-byte entries, big-endian       .timeindex   12-byte entries, big-endian
+      0  u32  relative offset                      0  i64  timestamp (ms)
+      4  u32  file position in the .log            8  u32  relative offset
+
+Relative offset = offset - segment base offset. An offset-index entry (r, p) says the batch
+with base offset base+r starts at byte p. Entries are added every `index_interval_bytes`
+of appended batches, so a lookup lands at most that many bytes (plus one batch) before the
+batch it wants.
+
+A time-index entry (t, r) says every record before offset base+r has a timestamp <= t; t is
+the largest timestamp seen before that batch, and an entry is added only when t grows, so
+both columns strictly increase. The batch at base+r is always also in the offset index. The
+last entry of a sealed segment is (largest timestamp in the segment, next offset - base):
+the segment's max timestamp is known without reading the log.
+
+numpy cannot binary-search a big-endian column without converting all of it (measured here:
+~120 us for 262k entries, against 0.4 us on native integers). So each index keeps its key
+column also as a native array -- filled as entries are appended, or loaded once from the
+file on the first lookup of a sealed segment -- and `searchsorted` runs on that.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from ._config import RELATIVE_OFFSET_LIMIT
+
+OFFSET_ENTRY = np.dtype([("relative_offset", ">u4"), ("position", ">u4")])
+TIME_ENTRY = np.dtype([("timestamp", ">i8"), ("relative_offset", ">u4")])
+assert OFFSET_ENTRY.itemsize == 8
+assert TIME_ENTRY.itemsize == 12
+
+
+class _Index:
+    """Shared machinery: a file of fixed-size entries, a memmap while writable."""
+
+    dtype: np.dtype[Any]
+    key_field: str
+    key_native: type[np.integer[Any]]
+
+    def __init__(self, path: str, entries: int, capacity: int, writable: bool) -> None:
+        self.path = path
+        self.entries = entries
+        self.capacity = capacity
+        self.writable = writable
+        self._mm: np.memmap[Any, np.dtype[Any]] | None = None
+        self._keys: npt.NDArray[Any] | None = None
+        self._map()
+
+    @classmethod
+    def open(cls, path: str, bytes_max: int, writable: bool) -> Self:
+        """Open a trimmed (or new, empty) index file; a writable one is grown to `bytes_max`."""
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        item = cls.dtype.itemsize
+        entries = size // item
+        capacity = max(entries, bytes_max // item) if writable else entries
+        return cls(path, entries, capacity, writable)
+
+    @classmethod
+    def create(cls, path: str, bytes_max: int) -> Self:
+        """A new empty writable index (any old file at `path` is replaced)."""
+        with open(path, "wb"):
+            pass
+        return cls(path, 0, bytes_max // cls.dtype.itemsize, True)
+
+    def _map(self) -> None:
+        item = self.dtype.itemsize
+        want = self.capacity * item
+        if self.writable:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size != want:
+                    os.ftruncate(fd, want)
+            finally:
+                os.close(fd)
+        if self.capacity > 0:
+            mode: Literal["r+", "r"] = "r+" if self.writable else "r"
+            self._mm = np.memmap(self.path, dtype=self.dtype, mode=mode, shape=(self.capacity,))
+        if self.writable:
+            keys = np.empty(self.capacity, dtype=self.key_native)
+            if self._mm is not None and self.entries:
+                keys[: self.entries] = self._mm[self.key_field][: self.entries]
+            self._keys = keys
+
+    @property
+    def full(self) -> bool:
+        # One slot stays free for the entry a time index writes when its segment seals.
+        return self.entries >= self.capacity - 1
+
+    def _key_column(self) -> npt.NDArray[Any]:
+        if self._keys is None:
+            assert self._mm is not None
+            self._keys = np.array(self._mm[self.key_field][: self.entries], dtype=self.key_native)
+        return self._keys[: self.entries]
+
+    def column(self, name: str) -> npt.NDArray[Any]:
+        """A native copy of one column's valid entries (for checks and tests)."""
+        if self._mm is None or self.entries == 0:
+            return np.empty(0, dtype=self.dtype[name].newbyteorder("="))
+        return np.array(self._mm[name][: self.entries], dtype=self.dtype[name].newbyteorder("="))
+
+    def _put(self, values: tuple[int, int]) -> None:
+        assert self.writable
+        assert self._mm is not None
+        assert self._keys is not None
+        assert self.entries < self.capacity, f"{self.path}: index full"
+        self._mm[self.entries] = values
+        self._keys[self.entries] = values[0]
+        self.entries += 1
+
+    def trim(self) -> None:
+        """Cut the file to its entries, flush it to disk and make the index read-only."""
+        if self._mm is not None:
+            self._mm.flush()
+        self._release()
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, self.entries * self.dtype.itemsize)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        keys = self._keys
+        self.capacity = self.entries
+        self.writable = False
+        self._map()
+        if keys is not None:
+            self._keys = keys[: self.entries].copy()
+
+    def _release(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            mm._mmap.close()  # type: ignore[attr-defined]  # deterministic unmap before truncate
+
+    def close(self) -> None:
+        self._release()
+        self._keys = None
+
+
+class OffsetIndex(_Index):
+    dtype = OFFSET_ENTRY
+    key_field = "relative_offset"
+    key_native = np.uint32
+
+    def append(self, relative_offset: int, position: int) -> None:
+        assert 0 <= relative_offset <= RELATIVE_OFFSET_LIMIT
+        assert 0 <= position < 2**32
+        self._put((relative_offset, position))
+
+    def lookup(self, relative_offset: int) -> tuple[int, int]:
+        """The last entry at or before `relative_offset`, or (0, 0) (the segment's start)."""
+        keys = self._key_column()
+        i = int(keys.searchsorted(np.uint32(relative_offset), side="right")) - 1
+        if i < 0:
+            return 0, 0
+        assert self._mm is not None
+        entry = self._mm[i]
+        return int(entry["relative_offset"]), int(entry["position"])
+
+    def last(self) -> tuple[int, int]:
+        if self.entries == 0:
+            return 0, 0
+        assert self._mm is not None
+        entry = self._mm[self.entries - 1]
+        return int(entry["relative_offset"]), int(entry["position"])
+
+    def check(self, log_bytes: int, relative_offset_end: int | None) -> str | None:
+        """Why this index cannot be trusted for a log of `log_bytes`, or None if it can."""
+        if self.entries == 0:
+            return None
+        rel = self.column("relative_offset").astype(np.int64)
+        pos = self.column("position").astype(np.int64)
+        if np.any(np.diff(rel) <= 0) or np.any(np.diff(pos) <= 0):
+            return "entries are not strictly increasing"
+        if int(pos[-1]) >= log_bytes:
+            return f"last entry points at byte {int(pos[-1])}, the log has {log_bytes} bytes"
+        if relative_offset_end is not None and int(rel[-1]) >= relative_offset_end:
+            return f"last entry names relative offset {int(rel[-1])}, past the segment"
+        return None
+
+
+class TimeIndex(_Index):
+    dtype = TIME_ENTRY
+    key_field = "timestamp"
+    key_native = np.int64
+
+    def append(self, timestamp_ms: int, relative_offset: int) -> None:
+        assert 0 <= relative_offset <= RELATIVE_OFFSET_LIMIT
+        self._put((timestamp_ms, relative_offset))
+
+    def lookup(self, timestamp_ms: int) -> int:
+        """A relative offset before which every record is older than `timestamp_ms` (or 0)."""
+        keys = self._key_column()
+        i = int(keys.searchsorted(np.int64(timestamp_ms), side="left")) - 1
+        if i < 0:
+            return 0
+        assert self._mm is not None
+        return int(self._mm[i]["relative_offset"])
+
+    def last(self) -> tuple[int, int] | None:
+        if self.entries == 0:
+            return None
+        assert self._mm is not None
+        entry = self._mm[self.entries - 1]
+        return int(entry["timestamp"]), int(entry["relative_offset"])
+
+    def check(self, relative_offset_end: int | None) -> str | None:
+        if self.entries == 0:
+            return None
+        ts = self.column("timestamp")
+        rel = self.column("relative_offset").astype(np.int64)
+        if np.any(np.diff(ts) <= 0) or np.any(np.diff(rel) <= 0):
+            return "entries are not strictly increasing"
+        if relative_offset_end is not None and int(rel[-1]) > relative_offset_end:
+            return f"last entry names relative offset {int(rel[-1])}, past the segment"
+        return None

@@ -1,0 +1,387 @@
+"""PartitionLog: one partition's ordered, segmented, append-only log.
+
+    <dir>/00000000000000000000.log        segments, named by base offset
+    <dir>/00000000000000000000.index      sparse offset index   (see _index.py)
+    <dir>/00000000000000000000.timeindex  sparse time index
+    <dir>/recovery-point                  offset below which every segment is whole on disk
+    <dir>/.clean-shutdown                 present only while the log is closed cleanly
+
+Offsets are assigned here: `append` patches each batch's baseOffset (outside the CRC) and
+writes the batches with one positional write. Reads return whole batches as stored.
+
+What survives a crash, per `LogConfig.fsync`:
+  always    every acknowledged append (fsync before `append` returns);
+  interval  a process crash loses nothing; a power loss loses at most the appends of the last
+            `fsync_interval_ms` of the newest segment;
+  never     a process crash loses nothing; a power loss can lose what the OS had not written
+            back of the newest segment. Sealed segments are fsynced when they roll, always.
+
+Crash-atomic operations: segment roll (old segment fsynced and trimmed before the new file
+exists; directory fsynced after), segment deletion (.log unlinked first; orphan indexes are
+removed on open), and the recovery-point and clean-shutdown files (temp, fsync, rename,
+directory fsync). An append is not atomic on disk, which is why recovery cuts a torn tail.
+
+Thread safety: every public method takes the log's lock; batch validation (the CRC) runs
+before it, so concurrent producers overlap their CPU work.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from ._batch import BatchHeader, split_batches
+from ._config import FsyncPolicy, LogConfig
+from ._errors import (
+    CorruptBatchError,
+    LimitExceededError,
+    LogClosedError,
+    OffsetOutOfRangeError,
+    StorageError,
+)
+from ._fs import atomic_write, fsync_dir
+from ._segment import (
+    INDEX_SUFFIX,
+    IOVECS_MAX,
+    LOG_SUFFIX,
+    TIMEINDEX_SUFFIX,
+    Segment,
+    Truncation,
+)
+
+log = logging.getLogger("riverlog.storage")
+
+CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
+RECOVERY_POINT_FILE = "recovery-point"
+# One append may carry several back-to-back batches (one pwritev of 2 iovecs each).
+BATCHES_PER_APPEND_MAX = IOVECS_MAX // 2
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    base_offset: int
+    last_offset: int
+    log_append_time_ms: int
+
+
+class PartitionLog:
+    def __init__(self, directory: str, config: LogConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self._segments: list[Segment] = []
+        self._bases: list[int] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._last_flush_ms: int | None = None
+        self._dirty = False
+        # What recovery cut on open, for callers and tests; also logged.
+        self.truncations: list[Truncation] = []
+        self.recovered = False
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], config: LogConfig) -> PartitionLog:
+        """Open (or create) the log in `directory`, recovering it if it was not closed cleanly."""
+        plog = cls(os.fspath(directory), config)
+        plog._open()
+        return plog
+
+    def _open(self) -> None:
+        d = self.directory
+        os.makedirs(d, exist_ok=True)
+        names = os.listdir(d)
+        bases = sorted(int(n[: -len(LOG_SUFFIX)]) for n in names if _is_segment_file(n, LOG_SUFFIX))
+        for n in names:  # indexes whose .log was deleted (a crash during retention)
+            for suffix in (INDEX_SUFFIX, TIMEINDEX_SUFFIX):
+                if _is_segment_file(n, suffix) and int(n[: -len(suffix)]) not in bases:
+                    os.unlink(os.path.join(d, n))
+        marker = os.path.join(d, CLEAN_SHUTDOWN_FILE)
+        clean = os.path.exists(marker)
+        if clean:
+            os.unlink(marker)
+            fsync_dir(d)
+        if not bases:
+            self._append_segment(Segment.create(d, 0, self.config))
+            fsync_dir(d)
+            return
+        recovery_point = 0 if clean else self._read_recovery_point()
+        # Segments wholly below the recovery point are trusted; the rest are scanned.
+        first_scanned = (
+            len(bases) if clean else max(0, bisect.bisect_right(bases, recovery_point) - 1)
+        )
+        try:
+            for i, base in enumerate(bases):
+                newest = i == len(bases) - 1
+                if i < first_scanned:
+                    nxt = None if newest else bases[i + 1]
+                    seg = Segment.open_trusted(d, base, self.config, nxt)
+                else:
+                    seg, cut = Segment.open_recover(d, base, self.config, newest)
+                    if cut is not None:
+                        self.truncations.append(cut)
+                        log.warning(
+                            "recovery cut %s at byte %d: dropped %d bytes, offsets from %d (%s)",
+                            cut.path,
+                            cut.position,
+                            cut.bytes_dropped,
+                            cut.first_offset_dropped,
+                            cut.reason,
+                        )
+                    self.recovered = True
+                if self._segments and seg.base_offset != self._segments[-1].next_offset:
+                    raise StorageError(
+                        f"{seg.log_path}: starts at offset {seg.base_offset} but the previous "
+                        f"segment ends at {self._segments[-1].next_offset}"
+                    )
+                self._append_segment(seg)
+        except BaseException:
+            for seg in self._segments:
+                seg.close()
+            raise
+        if self.recovered:
+            log.info(
+                "recovered %s: offsets [%d, %d) in %d segments",
+                d,
+                self.log_start_offset,
+                self.log_end_offset,
+                len(self._segments),
+            )
+
+    def _read_recovery_point(self) -> int:
+        try:
+            with open(os.path.join(self.directory, RECOVERY_POINT_FILE), "rb") as f:
+                return int(f.read().decode().strip())
+        except (FileNotFoundError, ValueError):
+            return 0  # no checkpoint (or a damaged one): scan everything
+
+    def _write_recovery_point(self, offset: int) -> None:
+        atomic_write(os.path.join(self.directory, RECOVERY_POINT_FILE), f"{offset}\n".encode())
+
+    def _append_segment(self, seg: Segment) -> None:
+        self._segments.append(seg)
+        self._bases.append(seg.base_offset)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        return self._segments[-1].next_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(seg.size for seg in self._segments)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    # ------------------------------------------------------------------ append
+    def append(self, payload: bytes | bytearray | memoryview, now_ms: int) -> AppendResult:
+        """Validate and append one or more back-to-back batches; offsets are assigned here.
+
+        Raises CorruptBatchError (nothing appended) for bytes that are not valid batches,
+        LimitExceededError for a batch over `batch_bytes_max`, DiskFullError when the disk
+        is full (nothing appended). With fsync `always` the batches are on stable storage
+        when this returns.
+        """
+        view = memoryview(payload)
+        headers = split_batches(view)
+        if len(headers) > BATCHES_PER_APPEND_MAX:
+            raise LimitExceededError(
+                f"{len(headers)} batches in one append; the limit is {BATCHES_PER_APPEND_MAX}"
+            )
+        limit = self.config.batch_bytes_max
+        for header in headers:
+            if header.size > limit:
+                raise LimitExceededError(
+                    f"batch of {header.size} bytes exceeds batch_bytes_max {limit}"
+                )
+        with self._lock:
+            self._check_open()
+            return self._append_locked(view, headers, now_ms)
+
+    def _append_locked(
+        self, view: memoryview, headers: list[BatchHeader], now_ms: int
+    ) -> AppendResult:
+        active = self._segments[-1]
+        base = active.next_offset
+        count = sum(h.last_offset_delta + 1 for h in headers)
+        last = base + count - 1
+        if not active.room_for(len(view), last) or self._aged(active, now_ms):
+            active = self._roll_locked()
+        active.append(view, headers)
+        self._dirty = True
+        policy = self.config.fsync
+        if policy == FsyncPolicy.ALWAYS:
+            self._flush_locked(now_ms)
+        elif policy == FsyncPolicy.INTERVAL:
+            self._flush_if_due_locked(now_ms)
+        return AppendResult(base, last, now_ms)
+
+    def _aged(self, seg: Segment, now_ms: int) -> bool:
+        age_limit = self.config.segment_ms
+        return (
+            age_limit is not None
+            and seg.size > 0
+            and seg.first_timestamp is not None
+            and now_ms - seg.first_timestamp >= age_limit
+        )
+
+    # ------------------------------------------------------------------ roll
+    def roll(self) -> None:
+        """Seal the active segment and start a new one at the log end offset (if non-empty)."""
+        with self._lock:
+            self._check_open()
+            if self._segments[-1].size > 0:
+                self._roll_locked()
+
+    def _roll_locked(self) -> Segment:
+        old = self._segments[-1]
+        old.seal()
+        new = Segment.create(self.directory, old.next_offset, self.config)
+        self._append_segment(new)
+        fsync_dir(self.directory)
+        self._write_recovery_point(new.base_offset)
+        self._dirty = False
+        return new
+
+    # ------------------------------------------------------------------ read
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches from the one holding `offset`, up to `max_bytes`; at least one batch
+        even when it is larger, so a reader never stalls. Empty at the log end offset.
+
+        Raises OffsetOutOfRangeError outside [log start offset, log end offset].
+        """
+        if max_bytes < 1:
+            raise LimitExceededError(f"max_bytes must be at least 1, got {max_bytes}")
+        with self._lock:
+            self._check_open()
+            end = self.log_end_offset
+            if offset == end:
+                return b""
+            if offset < self.log_start_offset or offset > end:
+                raise OffsetOutOfRangeError(offset, self.log_start_offset, end)
+            seg = self._segments[bisect.bisect_right(self._bases, offset) - 1]
+            return seg.read(offset, max_bytes)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """The first offset whose record timestamp is >= `timestamp_ms`; None if there is none."""
+        with self._lock:
+            self._check_open()
+            for seg in self._segments:
+                if seg.max_timestamp is not None and seg.max_timestamp >= timestamp_ms:
+                    return seg.offset_for_timestamp(timestamp_ms)
+            return None
+
+    # ------------------------------------------------------------------ retention
+    def apply_retention(self, now_ms: int) -> int:
+        """Delete whole sealed segments, oldest first, past `retention_bytes` or older than
+        `retention_ms` (by their newest record). Never the active one. Returns how many."""
+        with self._lock:
+            self._check_open()
+            cfg = self.config
+            deleted = 0
+            total = sum(seg.size for seg in self._segments)
+            while len(self._segments) > 1:
+                oldest = self._segments[0]
+                over_size = (
+                    cfg.retention_bytes is not None and total - oldest.size >= cfg.retention_bytes
+                )
+                expired = (
+                    cfg.retention_ms is not None
+                    and oldest.max_timestamp is not None
+                    and now_ms - oldest.max_timestamp > cfg.retention_ms
+                )
+                if not (over_size or expired):
+                    break
+                total -= oldest.size
+                self._segments.pop(0)
+                self._bases.pop(0)
+                oldest.delete()
+                deleted += 1
+            if deleted:
+                fsync_dir(self.directory)
+                log.info(
+                    "retention deleted %d segment(s) of %s; log start offset now %d",
+                    deleted,
+                    self.directory,
+                    self.log_start_offset,
+                )
+            return deleted
+
+    # ------------------------------------------------------------------ durability
+    def flush(self, now_ms: int | None = None) -> None:
+        """fsync the active segment's appended bytes."""
+        with self._lock:
+            self._check_open()
+            self._flush_locked(now_ms)
+
+    def flush_if_due(self, now_ms: int) -> bool:
+        """For fsync `interval`: fsync if the interval has passed since the last one."""
+        with self._lock:
+            self._check_open()
+            return self._flush_if_due_locked(now_ms)
+
+    def _flush_if_due_locked(self, now_ms: int) -> bool:
+        if not self._dirty:
+            return False
+        if self._last_flush_ms is None:
+            self._last_flush_ms = now_ms
+        if now_ms - self._last_flush_ms >= self.config.fsync_interval_ms:
+            self._flush_locked(now_ms)
+            return True
+        return False
+
+    def _flush_locked(self, now_ms: int | None) -> None:
+        self._segments[-1].flush()
+        self._dirty = False
+        if now_ms is not None:
+            self._last_flush_ms = now_ms
+
+    def close(self) -> None:
+        """Flush everything, trim indexes, write the clean-shutdown marker; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for seg in self._segments:
+                seg.close(clean=True)
+            self._write_recovery_point(self.log_end_offset)
+            atomic_write(os.path.join(self.directory, CLEAN_SHUTDOWN_FILE), b"")
+
+    def abandon(self) -> None:
+        """Release files without flushing or marking clean (as a crash would leave them)."""
+        with self._lock:
+            self._closed = True
+            for seg in self._segments:
+                seg.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+
+    def __enter__(self) -> PartitionLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"PartitionLog({self.directory!r}, offsets [{self.log_start_offset}, "
+            f"{self.log_end_offset}), {len(self._segments)} segments)"
+        )
+
+
+def _is_segment_file(name: str, suffix: str) -> bool:
+    stem = name[: -len(suffix)]
+    return name.endswith(suffix) and len(stem) == 20 and stem.isdigit()
+
+
+__all__ = ["AppendResult", "CorruptBatchError", "PartitionLog"]

@@ -1,0 +1,401 @@
+"""One segment: `<base offset>.log` with its `.index` and `.timeindex`.
+
+The .log is a run of whole RecordBatch v2 batches with contiguous offsets, starting at the
+base offset in the file name (`%020d`, so names sort as offsets do). Only the log's owner
+(`PartitionLog`) calls a segment, under its lock; a segment keeps no lock of its own.
+
+Crash atomicity: `append` is one positional write of whole batches at the end of the file;
+a crash can leave a torn tail, which `recover` cuts. Index entries are written to the memmap
+after the log bytes; indexes are rebuilt by `recover`, so their order on disk does not matter.
+`seal` makes the segment whole on disk (fsync of the log, trimmed indexes) before the log
+creates the next one, so every segment but the newest is complete after any crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from ._batch import (
+    HEADER_BYTES,
+    LOG_OVERHEAD,
+    BatchHeader,
+    check_batch,
+    decode_batch,
+)
+from ._config import RELATIVE_OFFSET_LIMIT, LogConfig
+from ._errors import CorruptBatchError, CorruptLogError, DiskFullError, StorageError
+from ._index import OffsetIndex, TimeIndex
+
+LOG_SUFFIX = ".log"
+INDEX_SUFFIX = ".index"
+TIMEINDEX_SUFFIX = ".timeindex"
+# What a read pulls in beyond `max_bytes`: enough to step from an index entry to the batch
+# it wants without another read in the common case.
+READ_AHEAD_BYTES = 64 * 1024
+# baseOffset, batchLength, partitionLeaderEpoch, magic, crc, attributes, lastOffsetDelta,
+# baseTimestamp, maxTimestamp: what walking the log needs from each header.
+_PREFIX = struct.Struct(">qiibIhiqq")
+_PREFIX_BYTES = _PREFIX.size
+# Iovec count per pwritev, well under Linux's IOV_MAX of 1024.
+IOVECS_MAX = 512
+
+
+def file_stem(base_offset: int) -> str:
+    return f"{base_offset:020d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """What recovery cut from the tail of a segment after a crash."""
+
+    path: str
+    position: int
+    bytes_dropped: int
+    first_offset_dropped: int
+    reason: str
+
+
+class Segment:
+    def __init__(self, directory: str, base_offset: int, config: LogConfig) -> None:
+        self.base_offset = base_offset
+        self.config = config
+        stem = os.path.join(directory, file_stem(base_offset))
+        self.log_path = stem + LOG_SUFFIX
+        self.index_path = stem + INDEX_SUFFIX
+        self.timeindex_path = stem + TIMEINDEX_SUFFIX
+        self.fd = -1
+        self.size = 0
+        self.next_offset = base_offset
+        # Largest record timestamp in the segment, None while it is empty.
+        self.max_timestamp: int | None = None
+        # Max timestamp of the first batch: segment age for `segment_ms` counts from it.
+        self.first_timestamp: int | None = None
+        self.bytes_since_index = 0
+        self.sealed = False
+        self.offset_index: OffsetIndex
+        self.time_index: TimeIndex
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, directory: str, base_offset: int, config: LogConfig) -> Segment:
+        seg = cls(directory, base_offset, config)
+        seg.fd = os.open(seg.log_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        seg.offset_index = OffsetIndex.create(seg.index_path, config.index_bytes_max)
+        seg.time_index = TimeIndex.create(seg.timeindex_path, config.index_bytes_max)
+        return seg
+
+    @classmethod
+    def open_trusted(
+        cls, directory: str, base_offset: int, config: LogConfig, next_offset: int | None
+    ) -> Segment:
+        """Open a segment known to be whole (clean shutdown, or before the recovery point).
+
+        `next_offset` is the next segment's base offset; None for the newest segment, whose
+        end is found by walking the batch headers after its last index entry. Indexes that
+        fail their sanity check are rebuilt by a full recovery scan of this segment.
+        """
+        seg = cls(directory, base_offset, config)
+        seg.fd = os.open(seg.log_path, os.O_RDWR)
+        seg.size = os.fstat(seg.fd).st_size
+        active = next_offset is None
+        rel_end = None if active else next_offset - base_offset  # type: ignore[operator]
+        try:
+            seg.offset_index = OffsetIndex.open(seg.index_path, config.index_bytes_max, active)
+            seg.time_index = TimeIndex.open(seg.timeindex_path, config.index_bytes_max, active)
+            problem = seg.offset_index.check(seg.size, rel_end) or seg.time_index.check(rel_end)
+            if problem is None and seg.size > 0 and seg.time_index.last() is None:
+                problem = "time index has no entry for a non-empty segment"
+        except (OSError, ValueError) as e:
+            problem = f"cannot open index: {e}"
+        if problem is None:
+            try:
+                seg._load_trusted(next_offset)
+            except CorruptBatchError as e:
+                problem = f"index does not match the log: {e}"
+        if problem is not None:
+            seg._close_indexes()
+            seg.recover(truncate=active)
+        elif not active:
+            seg.sealed = True
+        return seg
+
+    def _load_trusted(self, next_offset: int | None) -> None:
+        last_ts = self.time_index.last()
+        self.max_timestamp = None if last_ts is None else last_ts[0]
+        if self.size > 0:
+            first = self._prefix_at(0)
+            if first[0] != self.base_offset:
+                raise CorruptBatchError(
+                    f"first batch has base offset {first[0]}, file name says {self.base_offset}"
+                )
+            self.first_timestamp = first[8]
+        rel, pos = self.offset_index.last()
+        if next_offset is not None:
+            self.next_offset = next_offset
+            self.bytes_since_index = self.size - pos
+            return
+        # Walk the headers from the last index entry to the end of the file.
+        offset = self.base_offset + rel
+        while pos < self.size:
+            base, length, *_rest, last_delta, _bts, max_ts = self._prefix_at(pos)
+            if base != offset or length < HEADER_BYTES - LOG_OVERHEAD:
+                raise CorruptBatchError(f"batch at byte {pos} has base offset {base}")
+            offset = base + last_delta + 1
+            pos += length + LOG_OVERHEAD
+            if self.max_timestamp is None or max_ts > self.max_timestamp:
+                self.max_timestamp = max_ts
+        if pos != self.size:
+            raise CorruptBatchError(f"last batch runs past the end of the file ({self.size})")
+        self.next_offset = offset
+        self.bytes_since_index = self.size - self.offset_index.last()[1]
+
+    def _prefix_at(self, pos: int) -> tuple[int, ...]:
+        raw = os.pread(self.fd, _PREFIX_BYTES, pos)
+        if len(raw) < _PREFIX_BYTES:
+            raise CorruptBatchError(f"short header at byte {pos}")
+        return _PREFIX.unpack(raw)
+
+    @classmethod
+    def open_recover(
+        cls, directory: str, base_offset: int, config: LogConfig, newest: bool
+    ) -> tuple[Segment, Truncation | None]:
+        """Open after a crash: scan every batch and rebuild both indexes from the log.
+
+        The newest segment's bad tail is cut (a torn write); a bad batch in any other segment
+        raises CorruptLogError naming the file and byte position.
+        """
+        seg = cls(directory, base_offset, config)
+        seg.fd = os.open(seg.log_path, os.O_RDWR)
+        seg.size = os.fstat(seg.fd).st_size
+        cut = seg.recover(truncate=newest)
+        return seg, cut
+
+    def recover(self, truncate: bool) -> Truncation | None:
+        """Scan the log, rebuild the indexes; cut a bad tail if `truncate`, else raise."""
+        self.offset_index = OffsetIndex.create(self.index_path, self.config.index_bytes_max)
+        self.time_index = TimeIndex.create(self.timeindex_path, self.config.index_bytes_max)
+        self.max_timestamp = None
+        self.first_timestamp = None
+        self.bytes_since_index = 0
+        self.next_offset = self.base_offset
+        file_bytes = self.size
+        pos, reason = self._scan(file_bytes)
+        cut: Truncation | None = None
+        if reason is not None:
+            if not truncate:
+                self.close()
+                raise CorruptLogError(self.log_path, pos, reason)
+            os.ftruncate(self.fd, pos)
+            os.fsync(self.fd)
+            cut = Truncation(self.log_path, pos, file_bytes - pos, self.next_offset, reason)
+        self.size = pos
+        if not truncate:
+            self.seal()
+        return cut
+
+    def _scan(self, file_bytes: int) -> tuple[int, str | None]:
+        """Check batches from byte 0; return (bytes that are valid, why the rest is not)."""
+        if file_bytes == 0:
+            return 0, None
+        with mmap.mmap(self.fd, file_bytes, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                pos = 0
+                while pos < file_bytes:
+                    try:
+                        header = check_batch(view, pos, file_bytes)
+                    except CorruptBatchError as e:
+                        return pos, str(e)
+                    if header.base_offset != self.next_offset:
+                        return pos, (
+                            f"batch base offset {header.base_offset}, expected "
+                            f"{self.next_offset} (offsets must be contiguous)"
+                        )
+                    if header.last_offset - self.base_offset > RELATIVE_OFFSET_LIMIT:
+                        return pos, "relative offset past u32"
+                    self._account(header, pos)
+                    pos += header.size
+                return pos, None
+            finally:
+                view.release()
+
+    # ------------------------------------------------------------------ appending
+    def room_for(self, payload_bytes: int, last_offset: int) -> bool:
+        """Whether a payload fits without rolling (size, index space, u32 offsets)."""
+        if self.size == 0:
+            return last_offset - self.base_offset <= RELATIVE_OFFSET_LIMIT
+        return (
+            self.size + payload_bytes <= self.config.segment_bytes
+            and not self.offset_index.full
+            and not self.time_index.full
+            and last_offset - self.base_offset <= RELATIVE_OFFSET_LIMIT
+        )
+
+    def append(self, payload: memoryview, headers: list[BatchHeader]) -> None:
+        """Write `headers`' batches (back to back in `payload`) with offsets from next_offset.
+
+        One pwritev: the 8-byte baseOffset of each batch comes from a small buffer, the rest
+        straight from `payload`. On any write error the file is cut back, nothing is appended.
+        """
+        assert not self.sealed
+        if len(headers) * 2 > IOVECS_MAX:
+            raise StorageError(f"{len(headers)} batches in one append; at most {IOVECS_MAX // 2}")
+        iov: list[bytes | memoryview] = []
+        offset = self.next_offset
+        pos = 0
+        for header in headers:
+            iov.append(struct.pack(">q", offset))
+            iov.append(payload[pos + 8 : pos + header.size])
+            offset += header.last_offset_delta + 1
+            pos += header.size
+        total = pos
+        start = self.size
+        try:
+            written = os.pwritev(self.fd, iov, start)
+            while written < total:  # rare: a short write; finish it from where it stopped
+                rest = b"".join(bytes(v) for v in iov)[written:]
+                written += os.pwrite(self.fd, rest, start + written)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, start)
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"no space left on device writing {total} bytes to {self.log_path}"
+                ) from e
+            raise StorageError(f"write to {self.log_path} failed: {e}") from e
+        pos = start
+        offset = self.next_offset
+        for header in headers:
+            self._account(header._replace(base_offset=offset), pos)
+            offset += header.last_offset_delta + 1
+            pos += header.size
+        self.size = start + total
+
+    def _account(self, header: BatchHeader, pos: int) -> None:
+        """Index bookkeeping for one batch written at `pos` (also the recovery scan's)."""
+        rel = header.base_offset - self.base_offset
+        if self.bytes_since_index >= self.config.index_interval_bytes:
+            self.offset_index.append(rel, pos)
+            if self.max_timestamp is not None:
+                last = self.time_index.last()
+                if last is None or self.max_timestamp > last[0]:
+                    self.time_index.append(self.max_timestamp, rel)
+            self.bytes_since_index = 0
+        self.bytes_since_index += header.size
+        if self.first_timestamp is None:
+            self.first_timestamp = header.max_timestamp
+        if self.max_timestamp is None or header.max_timestamp > self.max_timestamp:
+            self.max_timestamp = header.max_timestamp
+        self.next_offset = header.base_offset + header.last_offset_delta + 1
+
+    # ------------------------------------------------------------------ reading
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches from the one holding `offset`, up to `max_bytes` (at least one)."""
+        _rel, pos = self.offset_index.lookup(offset - self.base_offset)
+        end = self.size
+        chunk_at = pos
+        chunk = os.pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
+        # Find the batch holding `offset`.
+        while True:
+            head = self._prefix_in(chunk, chunk_at, pos)
+            if head is None:
+                chunk_at = pos
+                chunk = os.pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
+                continue
+            base, length, last_delta = head[0], head[1], head[6]
+            if base + last_delta >= offset:
+                break
+            pos += length + LOG_OVERHEAD
+            if pos >= end:
+                raise StorageError(f"{self.log_path}: offset {offset} not found before byte {end}")
+        start = pos
+        # Take whole batches while they fit.
+        pos += length + LOG_OVERHEAD
+        while pos < end:
+            head = self._prefix_in(chunk, chunk_at, pos)
+            if head is None:
+                break
+            size = head[1] + LOG_OVERHEAD
+            if pos + size - start > max_bytes:
+                break
+            pos += size
+        stop = pos
+        if chunk_at <= start and stop - chunk_at <= len(chunk):
+            if start == chunk_at and stop - start == len(chunk):
+                return chunk
+            return chunk[start - chunk_at : stop - chunk_at]
+        return os.pread(self.fd, stop - start, start)
+
+    @staticmethod
+    def _prefix_in(chunk: bytes, chunk_at: int, pos: int) -> tuple[int, ...] | None:
+        at = pos - chunk_at
+        if at < 0 or at + _PREFIX_BYTES > len(chunk):
+            return None
+        return _PREFIX.unpack_from(chunk, at)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """The first offset in this segment whose record timestamp is >= `timestamp_ms`."""
+        if self.max_timestamp is None or self.max_timestamp < timestamp_ms:
+            return None
+        rel = self.time_index.lookup(timestamp_ms)
+        _rel, pos = self.offset_index.lookup(rel)
+        while pos < self.size:
+            head = self._prefix_at(pos)
+            length, max_ts = head[1], head[8]
+            if max_ts >= timestamp_ms:
+                batch = os.pread(self.fd, length + LOG_OVERHEAD, pos)
+                _header, records = decode_batch(batch)
+                for record in records:
+                    if record.timestamp_ms >= timestamp_ms:
+                        return record.offset
+            pos += length + LOG_OVERHEAD
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def seal(self) -> None:
+        """Make the segment whole on disk and read-only: fsync the log, trim the indexes."""
+        self.flush()
+        self._final_time_entry()
+        self.offset_index.trim()
+        self.time_index.trim()
+        self.sealed = True
+
+    def _final_time_entry(self) -> None:
+        if self.max_timestamp is None:
+            return
+        last = self.time_index.last()
+        if last is None or self.max_timestamp > last[0]:
+            self.time_index.append(self.max_timestamp, self.next_offset - self.base_offset)
+
+    def close(self, clean: bool = False) -> None:
+        """Release files; `clean` first makes the segment whole on disk as `seal` does."""
+        if clean and self.fd >= 0 and not self.sealed:
+            self.flush()
+            self._final_time_entry()
+            self.offset_index.trim()
+            self.time_index.trim()
+        self._close_indexes()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _close_indexes(self) -> None:
+        for name in ("offset_index", "time_index"):
+            index = getattr(self, name, None)
+            if index is not None:
+                index.close()
+
+    def delete(self) -> None:
+        """Close and unlink: the .log first, so a crash midway leaves only orphan indexes."""
+        self.close()
+        for path in (self.log_path, self.index_path, self.timeindex_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
