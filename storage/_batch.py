@@ -477,6 +477,11 @@ def _decode_records(header: BatchHeader, section: bytes) -> list[Record]:
         append(Record(base_offset + offset_delta, base_ts + ts_delta, key, value, headers))
     if pos != end:
         raise CorruptBatchError(f"{end - pos} bytes left after the last of {count} records")
+    if header.attributes & _ATTR_TIMESTAMP_TYPE:
+        # LogAppendTime: the broker stamped maxTimestamp on the batch without rewriting the
+        # records, so every record's timestamp is maxTimestamp and the deltas are ignored.
+        max_ts = header.max_timestamp
+        return [record._replace(timestamp_ms=max_ts) for record in out]
     return out
 
 

@@ -19,6 +19,7 @@ GiB = 1024 * MiB
 
 # File positions in the offset index are u32, so a segment can never reach 4 GiB.
 SEGMENT_BYTES_LIMIT = 4 * GiB - 1
+assert SEGMENT_BYTES_LIMIT < 2**32, "index positions are u32"
 # Tiny segments are allowed (tests roll often); a batch larger than a segment gets a segment
 # of its own, so batch starts -- what the index stores -- stay below segment_bytes < 4 GiB.
 SEGMENT_BYTES_MIN = 1 * KiB

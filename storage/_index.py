@@ -82,6 +82,10 @@ class _Index:
             try:
                 if os.fstat(fd).st_size != want:
                     os.ftruncate(fd, want)
+                # Reserve the blocks now: a store into a memmap page the disk has no room
+                # for is SIGBUS, not an exception; here it is ENOSPC, when the segment opens.
+                if want:
+                    os.posix_fallocate(fd, 0, want)
             finally:
                 os.close(fd)
         if self.capacity > 0:

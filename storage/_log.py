@@ -28,6 +28,8 @@ before it, so concurrent producers overlap their CPU work.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import logging
 import os
 import threading
@@ -37,12 +39,13 @@ from ._batch import BatchHeader, split_batches
 from ._config import FsyncPolicy, LogConfig
 from ._errors import (
     CorruptBatchError,
+    DiskFullError,
     LimitExceededError,
     LogClosedError,
     OffsetOutOfRangeError,
     StorageError,
 )
-from ._fs import atomic_write, fsync_dir
+from ._fs import TMP_SUFFIX, atomic_write, fsync_dir
 from ._segment import (
     INDEX_SUFFIX,
     IOVECS_MAX,
@@ -50,6 +53,7 @@ from ._segment import (
     TIMEINDEX_SUFFIX,
     Segment,
     Truncation,
+    file_stem,
 )
 
 log = logging.getLogger("riverlog.storage")
@@ -94,6 +98,9 @@ class PartitionLog:
         os.makedirs(d, exist_ok=True)
         names = os.listdir(d)
         bases = sorted(int(n[: -len(LOG_SUFFIX)]) for n in names if _is_segment_file(n, LOG_SUFFIX))
+        for n in names:  # temp files of an atomic write that a crash interrupted
+            if n.startswith(".") and n.endswith(TMP_SUFFIX):
+                os.unlink(os.path.join(d, n))
         for n in names:  # indexes whose .log was deleted (a crash during retention)
             for suffix in (INDEX_SUFFIX, TIMEINDEX_SUFFIX):
                 if _is_segment_file(n, suffix) and int(n[: -len(suffix)]) not in bases:
@@ -213,7 +220,7 @@ class PartitionLog:
         base = active.next_offset
         count = sum(h.last_offset_delta + 1 for h in headers)
         last = base + count - 1
-        if not active.room_for(len(view), last) or self._aged(active, now_ms):
+        if active.sealed or not active.room_for(len(view), last) or self._aged(active, now_ms):
             active = self._roll_locked()
         active.append(view, headers)
         self._dirty = True
@@ -242,9 +249,22 @@ class PartitionLog:
                 self._roll_locked()
 
     def _roll_locked(self) -> Segment:
+        """Seal the active segment and create the next. Safe to call again after it failed
+        half-way (say, disk full): a sealed newest segment is simply rolled past."""
         old = self._segments[-1]
-        old.seal()
-        new = Segment.create(self.directory, old.next_offset, self.config)
+        try:
+            if not old.sealed:
+                old.seal()
+            new = Segment.create(self.directory, old.next_offset, self.config)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                _unlink_new_segment(self.directory, old.next_offset)
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"no space left on device rolling {self.directory} at offset "
+                    f"{old.next_offset}"
+                ) from e
+            raise StorageError(f"rolling {self.directory} failed: {e}") from e
         self._append_segment(new)
         fsync_dir(self.directory)
         self._write_recovery_point(new.base_offset)
@@ -377,6 +397,13 @@ class PartitionLog:
             f"PartitionLog({self.directory!r}, offsets [{self.log_start_offset}, "
             f"{self.log_end_offset}), {len(self._segments)} segments)"
         )
+
+
+def _unlink_new_segment(directory: str, base_offset: int) -> None:
+    stem = os.path.join(directory, file_stem(base_offset))
+    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIMEINDEX_SUFFIX):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stem + suffix)
 
 
 def _is_segment_file(name: str, suffix: str) -> bool:

@@ -306,7 +306,9 @@ class Segment:
             if head is None:
                 chunk_at = pos
                 chunk = os.pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
-                continue
+                head = self._prefix_in(chunk, chunk_at, pos)
+                if head is None:
+                    raise StorageError(f"{self.log_path}: short batch header at byte {pos}")
             base, length, last_delta = head[0], head[1], head[6]
             if base + last_delta >= offset:
                 break
