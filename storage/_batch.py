@@ -318,7 +318,9 @@ def _decompress(codec: int, data: memoryview) -> bytes:
                     )
                 raise CorruptBatchError("lz4 records section is truncated")
         elif codec == Compression.ZSTD:
-            reader = zstandard.ZstdDecompressor().stream_reader(bytes(data))
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                bytes(data), read_across_frames=True
+            )
             out = reader.read(limit + 1)
         else:
             raise UnsupportedCodecError(

@@ -261,8 +261,7 @@ class PartitionLog:
                 _unlink_new_segment(self.directory, old.next_offset)
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(
-                    f"no space left on device rolling {self.directory} at offset "
-                    f"{old.next_offset}"
+                    f"no space left on device rolling {self.directory} at offset {old.next_offset}"
                 ) from e
             raise StorageError(f"rolling {self.directory} failed: {e}") from e
         self._append_segment(new)
