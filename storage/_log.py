@@ -277,17 +277,27 @@ class PartitionLog:
 
         Raises OffsetOutOfRangeError outside [log start offset, log end offset].
         """
+        return self.read_batches(offset, max_bytes)[0]
+
+    def read_batches(
+        self, offset: int, max_bytes: int, stop_offset: int | None = None
+    ) -> tuple[bytes, int]:
+        """`read`, plus the offset after the last returned batch (`offset` when empty).
+
+        Batches that start at or after `stop_offset` are left out, except the first.
+        One read never crosses a segment boundary: call again from the returned offset.
+        """
         if max_bytes < 1:
             raise LimitExceededError(f"max_bytes must be at least 1, got {max_bytes}")
         with self._lock:
             self._check_open()
             end = self.log_end_offset
             if offset == end:
-                return b""
+                return b"", offset
             if offset < self.log_start_offset or offset > end:
                 raise OffsetOutOfRangeError(offset, self.log_start_offset, end)
             seg = self._segments[bisect.bisect_right(self._bases, offset) - 1]
-            return seg.read(offset, max_bytes)
+            return seg.read(offset, max_bytes, stop_offset)
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """The first offset whose record timestamp is >= `timestamp_ms`; None if there is none."""

@@ -294,8 +294,12 @@ class Segment:
         self.next_offset = header.base_offset + header.last_offset_delta + 1
 
     # ------------------------------------------------------------------ reading
-    def read(self, offset: int, max_bytes: int) -> bytes:
-        """Whole batches from the one holding `offset`, up to `max_bytes` (at least one)."""
+    def read(
+        self, offset: int, max_bytes: int, stop_offset: int | None = None
+    ) -> tuple[bytes, int]:
+        """Whole batches from the one holding `offset`, up to `max_bytes` (at least one), and
+        the offset after the last of them. Batches starting at or after `stop_offset` are left
+        out (the first batch is always returned)."""
         _rel, pos = self.offset_index.lookup(offset - self.base_offset)
         end = self.size
         chunk_at = pos
@@ -316,6 +320,7 @@ class Segment:
             if pos >= end:
                 raise StorageError(f"{self.log_path}: offset {offset} not found before byte {end}")
         start = pos
+        next_offset = base + last_delta + 1
         # Take whole batches while they fit.
         pos += length + LOG_OVERHEAD
         while pos < end:
@@ -323,15 +328,18 @@ class Segment:
             if head is None:
                 break
             size = head[1] + LOG_OVERHEAD
-            if pos + size - start > max_bytes:
+            if pos + size - start > max_bytes or (
+                stop_offset is not None and head[0] >= stop_offset
+            ):
                 break
             pos += size
+            next_offset = head[0] + head[6] + 1
         stop = pos
         if chunk_at <= start and stop - chunk_at <= len(chunk):
             if start == chunk_at and stop - start == len(chunk):
-                return chunk
-            return chunk[start - chunk_at : stop - chunk_at]
-        return os.pread(self.fd, stop - start, start)
+                return chunk, next_offset
+            return chunk[start - chunk_at : stop - chunk_at], next_offset
+        return os.pread(self.fd, stop - start, start), next_offset
 
     @staticmethod
     def _prefix_in(chunk: bytes, chunk_at: int, pos: int) -> tuple[int, ...] | None:
