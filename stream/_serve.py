@@ -1,0 +1,174 @@
+"""Running a broker: settings from flags and TOML, the listener, background work, shutdown.
+
+Shutdown (SIGTERM or SIGINT, or `RunningBroker.stop`): the broker refuses new work and wakes
+waiting fetchers and subscribers; grpc stops accepting calls and gives in-flight ones up to
+`shutdown_grace_s`; every log is flushed, its indexes trimmed and its clean-shutdown marker
+written; the process exits 0. The next start skips the recovery scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from storage import InvalidConfigError, LogConfig
+
+from ._broker import Broker, BrokerConfig
+from ._server import WORKERS_DEFAULT, build_server
+
+log = logging.getLogger("riverlog.serve")
+
+LISTEN_DEFAULT = "127.0.0.1:7171"
+DATA_DIR_DEFAULT = "riverlog-data"
+# In-flight calls get this long to finish once shutdown starts.
+SHUTDOWN_GRACE_S_DEFAULT = 5.0
+# The background worker wakes at least this often (fsync `interval`, retention checks).
+BACKGROUND_PERIOD_MS_MAX = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServeConfig:
+    broker: BrokerConfig
+    listen: str = LISTEN_DEFAULT
+    workers: int = WORKERS_DEFAULT
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
+
+
+_BROKER_KEYS = {
+    "data_dir",
+    "listen",
+    "auto_create_topics",
+    "auto_create_partitions",
+    "retention_check_interval_ms",
+    "workers",
+    "shutdown_grace_s",
+}
+
+
+def load_config(
+    toml_path: str | None, overrides: Mapping[str, Any], log_overrides: Mapping[str, Any]
+) -> ServeConfig:
+    """Settings: built-in defaults, then the TOML file's [broker] and [log] tables, then flags.
+
+    [broker]: data_dir, listen, auto_create_topics, auto_create_partitions,
+              retention_check_interval_ms, workers, shutdown_grace_s
+    [log]:    any LogConfig field, as broker-wide defaults for every topic
+    """
+    broker_table: dict[str, Any] = {}
+    log_table: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            with open(toml_path, "rb") as f:
+                doc = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InvalidConfigError(f"cannot read config {toml_path}: {e}") from None
+        unknown = set(doc) - {"broker", "log"}
+        if unknown:
+            raise InvalidConfigError(
+                f"{toml_path}: unknown tables {sorted(unknown)}; known: broker, log"
+            )
+        broker_table = dict(doc.get("broker", {}))
+        log_table = dict(doc.get("log", {}))
+    broker_table.update({k: v for k, v in overrides.items() if v is not None})
+    log_table.update({k: v for k, v in log_overrides.items() if v is not None})
+    unknown_keys = set(broker_table) - _BROKER_KEYS
+    if unknown_keys:
+        raise InvalidConfigError(
+            f"unknown broker settings {sorted(unknown_keys)}; known: {sorted(_BROKER_KEYS)}"
+        )
+    log_config = LogConfig().with_overrides(log_table)
+    broker = BrokerConfig(
+        data_dir=Path(broker_table.get("data_dir", DATA_DIR_DEFAULT)),
+        log=log_config,
+        auto_create_topics=bool(broker_table.get("auto_create_topics", False)),
+        auto_create_partitions=int(broker_table.get("auto_create_partitions", 1)),
+        retention_check_interval_ms=int(broker_table.get("retention_check_interval_ms", 60_000)),
+    )
+    workers = int(broker_table.get("workers", WORKERS_DEFAULT))
+    if not 4 <= workers <= 1024:
+        raise InvalidConfigError(f"workers must be in [4, 1024], got {workers}")
+    return ServeConfig(
+        broker=broker,
+        listen=str(broker_table.get("listen", LISTEN_DEFAULT)),
+        workers=workers,
+        shutdown_grace_s=float(broker_table.get("shutdown_grace_s", SHUTDOWN_GRACE_S_DEFAULT)),
+    )
+
+
+class RunningBroker:
+    """A started broker: its gRPC server, bound port, and background worker."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.broker = Broker(config.broker)
+        self.server = build_server(self.broker, workers=config.workers)
+        try:
+            self.port = self.server.add_insecure_port(config.listen)
+        except RuntimeError as e:
+            self.broker.close()
+            raise InvalidConfigError(f"cannot listen on {config.listen}: {e}") from None
+        if self.port == 0:
+            self.broker.close()
+            raise InvalidConfigError(f"cannot listen on {config.listen}")
+        self._stopped = threading.Event()
+        self._worker = threading.Thread(target=self._background, name="riverlog-bg", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self.server.start()
+        self._worker.start()
+        log.info(
+            "riverlog listening on %s (gRPC: riverlog.v1.Broker, riverlog.v1.Admin, "
+            "grpc.health.v1.Health, reflection); data in %s",
+            self.address,
+            self.config.broker.data_dir,
+        )
+
+    def _background(self) -> None:
+        cfg = self.config.broker
+        period_ms = min(BACKGROUND_PERIOD_MS_MAX, cfg.log.fsync_interval_ms)
+        since_retention_ms = 0
+        while not self._stopped.wait(period_ms / 1000):
+            try:
+                self.broker.flush_due()
+                since_retention_ms += period_ms
+                if since_retention_ms >= cfg.retention_check_interval_ms:
+                    since_retention_ms = 0
+                    self.broker.tick()
+            except Exception:
+                log.exception("background work failed; retrying next period")
+
+    def stop(self) -> None:
+        """Graceful stop: refuse new work, let in-flight calls finish, close logs cleanly."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.broker.begin_shutdown()
+        done: threading.Event = self.server.stop(self.config.shutdown_grace_s)
+        done.wait(self.config.shutdown_grace_s + 1)
+        if self._worker.is_alive():
+            self._worker.join(timeout=5)
+        self.broker.close()
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        return bool(self.server.wait_for_termination(timeout_s))
+
+
+def channel_ready(address: str, timeout_s: float = 5.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+    return True

@@ -1,0 +1,489 @@
+"""The gRPC edge: protobuf in, broker call, protobuf out; errors mapped to statuses in one place.
+
+Requests arrive as raw bytes and are parsed inside the handler, so undecodable bytes get
+INVALID_ARGUMENT (grpcio's own deserializer would answer INTERNAL). Every broker error is a
+StorageError subclass; `status_for` maps them, and nothing else reaches the client as UNKNOWN.
+
+    status               when
+    INVALID_ARGUMENT     undecodable request, bad name / count / config, corrupt batch
+    NOT_FOUND            unknown topic or partition
+    ALREADY_EXISTS       creating a topic that exists
+    OUT_OF_RANGE         an offset outside [log start offset, log end offset]
+    RESOURCE_EXHAUSTED   batch or request over a limit, disk full, too many streams
+    UNAVAILABLE          the broker is shutting down
+    INTERNAL             a corrupt log or an unexpected failure (logged with its traceback)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from storage import (
+    CorruptBatchError,
+    DiskFullError,
+    InvalidConfigError,
+    InvalidNameError,
+    LimitExceededError,
+    LogClosedError,
+    NewRecord,
+    OffsetOutOfRangeError,
+    StorageError,
+    TopicExistsError,
+    UnknownTopicError,
+)
+
+from ._broker import (
+    Broker,
+    FetchQuery,
+    InvalidRequestError,
+    OffsetQuery,
+    ProduceResult,
+    ShuttingDownError,
+    StartSpec,
+)
+from ._pb import admin_pb2, broker_pb2, types_pb2
+
+log = logging.getLogger("riverlog.server")
+
+BROKER_SERVICE = "riverlog.v1.Broker"
+ADMIN_SERVICE = "riverlog.v1.Admin"
+MiB = 1024 * 1024
+# Largest request or response message: the largest batch (64 MiB) plus framing.
+MESSAGE_BYTES_MAX = 65 * MiB
+# Worker threads: each long-poll fetch and each subscribe stream holds one while it waits.
+WORKERS_DEFAULT = 64
+# RPCs in progress beyond which grpcio answers RESOURCE_EXHAUSTED rather than queueing.
+CONCURRENT_RPCS_MAX = 256
+
+_STATUS: list[tuple[type[StorageError], grpc.StatusCode]] = [
+    (UnknownTopicError, grpc.StatusCode.NOT_FOUND),
+    (TopicExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (OffsetOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+    (CorruptBatchError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidNameError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (LogClosedError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(error: StorageError) -> grpc.StatusCode:
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _partition_error(error: StorageError | None) -> types_pb2.PartitionError | None:
+    if error is None:
+        return None
+    return types_pb2.PartitionError(code=status_for(error).value[0], message=str(error))
+
+
+def _abort(context: grpc.ServicerContext, error: StorageError) -> NoReturn:
+    code = status_for(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error: %s", error, exc_info=error)
+    context.abort(code, str(error))
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _parse(kind: type[M], raw: bytes, context: grpc.ServicerContext) -> M:
+    try:
+        return kind.FromString(raw)
+    except DecodeError as e:
+        raise InvalidRequestError(f"undecodable {kind.__name__}: {e}") from None
+
+
+Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
+
+
+def _guarded(fn: Handler) -> Handler:
+    """Map broker errors to statuses; anything unexpected is INTERNAL, never UNKNOWN."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, raw, context)
+        except StorageError as e:
+            _abort(context, e)
+        except Exception as e:
+            log.exception("unexpected failure in %s", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+def _guarded_stream(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    def wrapper(self: Any, raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, raw, context)
+        except StorageError as e:
+            _abort(context, e)
+        except Exception as e:
+            log.exception("unexpected failure in %s", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------- Broker
+class BrokerService:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def _produce(self, request: broker_pb2.ProduceRequest) -> broker_pb2.ProduceResponse:
+        durable = request.acks == broker_pb2.ACKS_ALL
+        results: list[ProduceResult] = []
+        # Check every entry before appending any: a bad entry fails the call, nothing appended.
+        for entry in request.partitions:
+            if entry.record_batch and entry.records:
+                raise InvalidRequestError(
+                    f"entry for topic {entry.topic!r} sets both record_batch and records"
+                )
+            if entry.record_batch and not entry.HasField("partition"):
+                raise InvalidRequestError(
+                    "record_batch needs a partition: the broker does not read keys on the fast path"
+                )
+            if not entry.record_batch and not entry.records:
+                raise InvalidRequestError(f"entry for topic {entry.topic!r} carries no records")
+        for entry in request.partitions:
+            partition = entry.partition if entry.HasField("partition") else None
+            if entry.record_batch:
+                assert partition is not None
+                try:
+                    result = self.broker.produce(
+                        entry.topic, partition, entry.record_batch, durable=durable
+                    )
+                    results.append(ProduceResult(entry.topic, partition, result))
+                except StorageError as e:
+                    results.append(ProduceResult(entry.topic, partition, error=e))
+            else:
+                now_ms = self.broker.now_ms()
+                records = [_new_record(r, now_ms) for r in entry.records]
+                try:
+                    results.extend(
+                        self.broker.produce_records(
+                            entry.topic, partition, records, durable=durable
+                        )
+                    )
+                except StorageError as e:
+                    results.append(ProduceResult(entry.topic, partition or 0, error=e))
+        errors = [r.error for r in results if r.error is not None]
+        if results and len(errors) == len(results):
+            raise errors[0]
+        no_offsets = request.acks == broker_pb2.ACKS_NONE
+        return broker_pb2.ProduceResponse(
+            correlation_id=request.correlation_id,
+            results=[
+                broker_pb2.PartitionProduceResult(
+                    topic=r.topic,
+                    partition=r.partition,
+                    base_offset=-1 if r.result is None or no_offsets else r.result.base_offset,
+                    last_offset=-1 if r.result is None or no_offsets else r.result.last_offset,
+                    log_append_time_ms=0 if r.result is None else r.result.log_append_time_ms,
+                    error=_partition_error(r.error),
+                )
+                for r in results
+            ],
+        )
+
+    @_guarded
+    def Produce(self, raw: bytes, context: grpc.ServicerContext) -> broker_pb2.ProduceResponse:
+        request = _parse(broker_pb2.ProduceRequest, raw, context)
+        if not request.partitions:
+            raise InvalidRequestError("produce request names no partitions")
+        return self._produce(request)
+
+    @_guarded_stream
+    def ProduceStream(
+        self, raws: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[broker_pb2.ProduceResponse]:
+        for raw in raws:
+            request = _parse(broker_pb2.ProduceRequest, raw, context)
+            try:
+                if not request.partitions:
+                    raise InvalidRequestError("produce request names no partitions")
+                response = self._produce(request)
+            except StorageError as e:
+                # Answer this request with its error; the stream stays open.
+                response = broker_pb2.ProduceResponse(
+                    correlation_id=request.correlation_id,
+                    results=[
+                        broker_pb2.PartitionProduceResult(
+                            topic=entry.topic,
+                            partition=entry.partition,
+                            base_offset=-1,
+                            last_offset=-1,
+                            error=_partition_error(e),
+                        )
+                        for entry in request.partitions
+                    ]
+                    or [broker_pb2.PartitionProduceResult(error=_partition_error(e))],
+                )
+            if request.acks != broker_pb2.ACKS_NONE:
+                yield response
+
+    @_guarded
+    def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> broker_pb2.FetchResponse:
+        request = _parse(broker_pb2.FetchRequest, raw, context)
+        if not request.partitions:
+            raise InvalidRequestError("fetch request names no partitions")
+        results = self.broker.fetch(
+            [FetchQuery(p.topic, p.partition, p.offset, p.max_bytes) for p in request.partitions],
+            max_wait_ms=request.max_wait_ms,
+            min_bytes=request.min_bytes,
+            max_bytes=request.max_bytes,
+            is_active=context.is_active,
+        )
+        errors = [r.error for r in results if r.error is not None]
+        if len(errors) == len(results):
+            raise errors[0]
+        return broker_pb2.FetchResponse(
+            results=[
+                broker_pb2.FetchPartitionResult(
+                    topic=r.topic,
+                    partition=r.partition,
+                    record_batches=r.data,
+                    high_watermark=r.high_watermark,
+                    log_start_offset=r.log_start_offset,
+                    error=_partition_error(r.error),
+                )
+                for r in results
+            ]
+        )
+
+    @_guarded_stream
+    def Subscribe(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> Iterator[broker_pb2.SubscribeResponse]:
+        request = _parse(broker_pb2.SubscribeRequest, raw, context)
+        start = _start_spec(request.start)
+        stop = request.WhichOneof("stop")
+        chunks = self.broker.subscribe(
+            request.topic,
+            list(request.partitions),
+            start,
+            stop_offset=request.stop_offset if stop == "stop_offset" else None,
+            stop_at_end=stop == "stop_at_end" and request.stop_at_end,
+            max_bytes=request.max_bytes,
+            is_active=context.is_active,
+        )
+        for chunk in chunks:
+            yield broker_pb2.SubscribeResponse(
+                topic=chunk.topic,
+                partition=chunk.partition,
+                record_batches=chunk.data,
+                next_offset=chunk.next_offset,
+                high_watermark=chunk.high_watermark,
+                log_start_offset=chunk.log_start_offset,
+            )
+
+    @_guarded
+    def ListOffsets(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> broker_pb2.ListOffsetsResponse:
+        request = _parse(broker_pb2.ListOffsetsRequest, raw, context)
+        queries: list[OffsetQuery] = []
+        for q in request.queries:
+            spec = q.WhichOneof("spec")
+            if spec == "earliest":
+                queries.append(OffsetQuery(q.topic, q.partition, "earliest"))
+            elif spec == "latest":
+                queries.append(OffsetQuery(q.topic, q.partition, "latest"))
+            elif spec == "timestamp_ms":
+                queries.append(OffsetQuery(q.topic, q.partition, "timestamp", q.timestamp_ms))
+            else:
+                raise InvalidRequestError(
+                    f"query for {q.topic}/{q.partition} sets none of earliest, latest, timestamp_ms"
+                )
+        results = self.broker.list_offsets(queries)
+        errors = [r.error for r in results if r.error is not None]
+        if results and len(errors) == len(results):
+            raise errors[0]
+        out = broker_pb2.ListOffsetsResponse()
+        for r in results:
+            item = out.results.add(
+                topic=r.topic,
+                partition=r.partition,
+                log_start_offset=r.log_start_offset,
+                log_end_offset=r.log_end_offset,
+            )
+            if r.offset is not None:
+                item.offset = r.offset
+            if r.error is not None:
+                item.error.code = status_for(r.error).value[0]
+                item.error.message = str(r.error)
+        return out
+
+
+def _new_record(r: types_pb2.Record, now_ms: int) -> NewRecord:
+    return NewRecord(
+        r.key if r.HasField("key") else None,
+        r.value if r.HasField("value") else None,
+        r.timestamp_ms if r.HasField("timestamp_ms") else now_ms,
+        [(h.key, h.value if h.HasField("value") else None) for h in r.headers],
+    )
+
+
+def _start_spec(start: broker_pb2.StartPosition) -> StartSpec:
+    kind = start.WhichOneof("position")
+    if kind == "earliest":
+        return ("earliest", 0)
+    if kind == "latest":
+        return ("latest", 0)
+    if kind == "offset":
+        return ("offset", start.offset)
+    if kind == "timestamp_ms":
+        return ("timestamp", start.timestamp_ms)
+    raise InvalidRequestError(
+        "start is required: one of earliest, latest, offset, timestamp_ms (no silent default)"
+    )
+
+
+# ---------------------------------------------------------------------------- Admin
+class AdminService:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    @_guarded
+    def CreateTopic(self, raw: bytes, context: grpc.ServicerContext) -> admin_pb2.TopicDescription:
+        request = _parse(admin_pb2.CreateTopicRequest, raw, context)
+        info = self.broker.create_topic(request.name, request.partitions, dict(request.config))
+        return _describe(info)
+
+    @_guarded
+    def DeleteTopic(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> admin_pb2.DeleteTopicResponse:
+        request = _parse(admin_pb2.DeleteTopicRequest, raw, context)
+        self.broker.delete_topic(request.name)
+        return admin_pb2.DeleteTopicResponse()
+
+    @_guarded
+    def ListTopics(self, raw: bytes, context: grpc.ServicerContext) -> admin_pb2.ListTopicsResponse:
+        _parse(admin_pb2.ListTopicsRequest, raw, context)
+        return admin_pb2.ListTopicsResponse(
+            topics=[
+                admin_pb2.ListTopicsResponse.Topic(name=name, partitions=count)
+                for name, count in self.broker.list_topics()
+            ]
+        )
+
+    @_guarded
+    def DescribeTopic(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> admin_pb2.TopicDescription:
+        request = _parse(admin_pb2.DescribeTopicRequest, raw, context)
+        return _describe(self.broker.describe_topic(request.name))
+
+    @_guarded
+    def AddPartitions(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> admin_pb2.TopicDescription:
+        request = _parse(admin_pb2.AddPartitionsRequest, raw, context)
+        return _describe(self.broker.add_partitions(request.name, request.partitions))
+
+
+def _describe(info: Any) -> admin_pb2.TopicDescription:
+    return admin_pb2.TopicDescription(
+        name=info.name,
+        topic_id=info.topic_id,
+        config=info.config,
+        partitions=[
+            admin_pb2.PartitionDescription(
+                partition=p.partition,
+                log_start_offset=p.log_start_offset,
+                log_end_offset=p.log_end_offset,
+                size_bytes=p.size_bytes,
+                segment_count=p.segment_count,
+            )
+            for p in info.partitions
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------- wiring
+def _handlers(service: str, impl: Any, kinds: dict[str, tuple[str, Any]]) -> grpc.GenericRpcHandler:
+    table: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for name, (kind, response) in kinds.items():
+        fn = getattr(impl, name)
+        serialize = response.SerializeToString
+        if kind == "unary":
+            table[name] = grpc.unary_unary_rpc_method_handler(fn, response_serializer=serialize)
+        elif kind == "server_stream":
+            table[name] = grpc.unary_stream_rpc_method_handler(fn, response_serializer=serialize)
+        else:
+            table[name] = grpc.stream_stream_rpc_method_handler(fn, response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(service, table)
+
+
+def build_server(
+    broker: Broker, *, workers: int = WORKERS_DEFAULT, concurrent_rpcs: int = CONCURRENT_RPCS_MAX
+) -> grpc.Server:
+    """A grpc server with the Broker and Admin services, health and reflection (not started)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="riverlog-rpc"),
+        maximum_concurrent_rpcs=concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    b = BrokerService(broker)
+    server.add_generic_rpc_handlers(
+        (
+            _handlers(
+                BROKER_SERVICE,
+                b,
+                {
+                    "Produce": ("unary", broker_pb2.ProduceResponse),
+                    "ProduceStream": ("stream", broker_pb2.ProduceResponse),
+                    "Fetch": ("unary", broker_pb2.FetchResponse),
+                    "Subscribe": ("server_stream", broker_pb2.SubscribeResponse),
+                    "ListOffsets": ("unary", broker_pb2.ListOffsetsResponse),
+                },
+            ),
+            _handlers(
+                ADMIN_SERVICE,
+                AdminService(broker),
+                {
+                    "CreateTopic": ("unary", admin_pb2.TopicDescription),
+                    "DeleteTopic": ("unary", admin_pb2.DeleteTopicResponse),
+                    "ListTopics": ("unary", admin_pb2.ListTopicsResponse),
+                    "DescribeTopic": ("unary", admin_pb2.TopicDescription),
+                    "AddPartitions": ("unary", admin_pb2.TopicDescription),
+                },
+            ),
+        )
+    )
+    health_servicer = health.HealthServicer()
+    for name in ("", BROKER_SERVICE, ADMIN_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            BROKER_SERVICE,
+            ADMIN_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
