@@ -54,7 +54,8 @@ class FsyncPolicy(enum.StrEnum):
 class LogConfig:
     # Roll to a new segment when the active one would pass this size.
     segment_bytes: int = 1 * GiB
-    # Roll when the active segment's first batch is this old (None: never roll by age).
+    # Roll when an appended batch's max timestamp is this much later than the active
+    # segment's first batch's (record time, as Kafka; None: never roll by age).
     segment_ms: int | None = 7 * 24 * 3600 * 1000
     # Delete the oldest sealed segments while the log is larger than this (None: no limit).
     retention_bytes: int | None = None

@@ -60,9 +60,15 @@ class _Index:
 
     @classmethod
     def open(cls, path: str, bytes_max: int, writable: bool) -> Self:
-        """Open a trimmed (or new, empty) index file; a writable one is grown to `bytes_max`."""
-        size = os.path.getsize(path) if os.path.exists(path) else 0
+        """Open a trimmed (or new, empty) index file; a writable one is grown to `bytes_max`.
+
+        A missing file (FileNotFoundError) or a partial last entry (ValueError) is damage:
+        the caller rebuilds the index from the log.
+        """
+        size = os.path.getsize(path)
         item = cls.dtype.itemsize
+        if size % item:
+            raise ValueError(f"{path}: {size} bytes is not a whole number of {item}-byte entries")
         entries = size // item
         capacity = max(entries, bytes_max // item) if writable else entries
         return cls(path, entries, capacity, writable)
@@ -104,8 +110,11 @@ class _Index:
 
     def _key_column(self) -> npt.NDArray[Any]:
         if self._keys is None:
-            assert self._mm is not None
-            self._keys = np.array(self._mm[self.key_field][: self.entries], dtype=self.key_native)
+            if self._mm is None:  # a read-only index with no entries maps nothing
+                self._keys = np.empty(0, dtype=self.key_native)
+            else:
+                keys = self._mm[self.key_field][: self.entries]
+                self._keys = np.array(keys, dtype=self.key_native)
         return self._keys[: self.entries]
 
     def column(self, name: str) -> npt.NDArray[Any]:

@@ -198,7 +198,15 @@ class PartitionLog:
         when this returns.
         """
         view = memoryview(payload)
-        headers = split_batches(view)
+        headers = self.check(view)
+        with self._lock:
+            self._check_open()
+            return self._append_locked(view, headers, now_ms)
+
+    def check(self, payload: bytes | bytearray | memoryview) -> list[BatchHeader]:
+        """Validate `payload` exactly as `append` does, appending nothing; return its batch
+        headers. Lets a caller refuse a request of several appends before making any."""
+        headers = split_batches(payload)
         if len(headers) > BATCHES_PER_APPEND_MAX:
             raise LimitExceededError(
                 f"{len(headers)} batches in one append; the limit is {BATCHES_PER_APPEND_MAX}"
@@ -209,9 +217,7 @@ class PartitionLog:
                 raise LimitExceededError(
                     f"batch of {header.size} bytes exceeds batch_bytes_max {limit}"
                 )
-        with self._lock:
-            self._check_open()
-            return self._append_locked(view, headers, now_ms)
+        return headers
 
     def _append_locked(
         self, view: memoryview, headers: list[BatchHeader], now_ms: int
@@ -220,7 +226,7 @@ class PartitionLog:
         base = active.next_offset
         count = sum(h.last_offset_delta + 1 for h in headers)
         last = base + count - 1
-        if active.sealed or not active.room_for(len(view), last) or self._aged(active, now_ms):
+        if active.sealed or not active.room_for(len(view), last) or self._aged(active, headers):
             active = self._roll_locked()
         active.append(view, headers)
         self._dirty = True
@@ -231,14 +237,18 @@ class PartitionLog:
             self._flush_if_due_locked(now_ms)
         return AppendResult(base, last, now_ms)
 
-    def _aged(self, seg: Segment, now_ms: int) -> bool:
+    def _aged(self, seg: Segment, headers: list[BatchHeader]) -> bool:
+        """Whether the incoming batches are `segment_ms` later than the segment's first batch.
+
+        Record time against record time, as Kafka's `LogSegment.shouldRoll` does, never the
+        broker's clock against a record's time: records stamped in the past (a replay, a
+        mirror) would otherwise roll a new segment on every append.
+        """
         age_limit = self.config.segment_ms
-        return (
-            age_limit is not None
-            and seg.size > 0
-            and seg.first_timestamp is not None
-            and now_ms - seg.first_timestamp >= age_limit
-        )
+        if age_limit is None or seg.size == 0 or seg.first_timestamp is None:
+            return False
+        newest_ms = max(h.max_timestamp for h in headers)
+        return newest_ms - seg.first_timestamp >= age_limit
 
     # ------------------------------------------------------------------ roll
     def roll(self) -> None:

@@ -135,11 +135,9 @@ class Segment:
                 )
             self.first_timestamp = first[8]
         rel, pos = self.offset_index.last()
-        if next_offset is not None:
-            self.next_offset = next_offset
-            self.bytes_since_index = self.size - pos
-            return
-        # Walk the headers from the last index entry to the end of the file.
+        # Walk the headers from the last index entry to the end of the file: the entry must
+        # point at a real batch (a sealed segment's too), and the walk finds the newest
+        # segment's end. At most index_interval_bytes plus one batch.
         offset = self.base_offset + rel
         while pos < self.size:
             base, length, *_rest, last_delta, _bts, max_ts = self._prefix_at(pos)
@@ -151,6 +149,10 @@ class Segment:
                 self.max_timestamp = max_ts
         if pos != self.size:
             raise CorruptBatchError(f"last batch runs past the end of the file ({self.size})")
+        if next_offset is not None and offset != next_offset:
+            raise CorruptBatchError(
+                f"batches end at offset {offset}, the next segment starts at {next_offset}"
+            )
         self.next_offset = offset
         self.bytes_since_index = self.size - self.offset_index.last()[1]
 
@@ -177,6 +179,14 @@ class Segment:
 
     def recover(self, truncate: bool) -> Truncation | None:
         """Scan the log, rebuild the indexes; cut a bad tail if `truncate`, else raise."""
+        if not truncate:
+            # Check before the index files are replaced: a refusal to open leaves every file
+            # as it was, for an operator to inspect. (Sealed segments are scanned only when
+            # a crash beat the recovery-point checkpoint, or their index was damaged.)
+            pos, reason = self._scan(self.size, account=False)
+            if reason is not None:
+                self.close()
+                raise CorruptLogError(self.log_path, pos, reason)
         self.offset_index = OffsetIndex.create(self.index_path, self.config.index_bytes_max)
         self.time_index = TimeIndex.create(self.timeindex_path, self.config.index_bytes_max)
         self.max_timestamp = None
@@ -198,27 +208,33 @@ class Segment:
             self.seal()
         return cut
 
-    def _scan(self, file_bytes: int) -> tuple[int, str | None]:
-        """Check batches from byte 0; return (bytes that are valid, why the rest is not)."""
+    def _scan(self, file_bytes: int, account: bool = True) -> tuple[int, str | None]:
+        """Check batches from byte 0; return (bytes that are valid, why the rest is not).
+
+        With `account`, each valid batch also goes into the indexes and offsets.
+        """
         if file_bytes == 0:
             return 0, None
         with mmap.mmap(self.fd, file_bytes, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
                 pos = 0
+                expected = self.base_offset
                 while pos < file_bytes:
                     try:
                         header = check_batch(view, pos, file_bytes)
                     except CorruptBatchError as e:
                         return pos, str(e)
-                    if header.base_offset != self.next_offset:
+                    if header.base_offset != expected:
                         return pos, (
                             f"batch base offset {header.base_offset}, expected "
-                            f"{self.next_offset} (offsets must be contiguous)"
+                            f"{expected} (offsets must be contiguous)"
                         )
                     if header.last_offset - self.base_offset > RELATIVE_OFFSET_LIMIT:
                         return pos, "relative offset past u32"
-                    self._account(header, pos)
+                    if account:
+                        self._account(header, pos)
+                    expected = header.last_offset + 1
                     pos += header.size
                 return pos, None
             finally:
@@ -279,9 +295,16 @@ class Segment:
     def _account(self, header: BatchHeader, pos: int) -> None:
         """Index bookkeeping for one batch written at `pos` (also the recovery scan's)."""
         rel = header.base_offset - self.base_offset
-        if self.bytes_since_index >= self.config.index_interval_bytes:
+        # `room_for` rolls on a full index only between appends; the batches of one append
+        # (or a scan under a smaller index_bytes_max) can fill it, and then the rest of the
+        # segment goes unindexed: lookups walk further, and the time index keeps the slot
+        # its seal needs.
+        if (
+            self.bytes_since_index >= self.config.index_interval_bytes
+            and not self.offset_index.full
+        ):
             self.offset_index.append(rel, pos)
-            if self.max_timestamp is not None:
+            if self.max_timestamp is not None and not self.time_index.full:
                 last = self.time_index.last()
                 if last is None or self.max_timestamp > last[0]:
                     self.time_index.append(self.max_timestamp, rel)
