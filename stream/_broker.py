@@ -331,6 +331,19 @@ class Broker:
         p.notify()
         return result
 
+    def check_produce(self, topic: str, partition: int | None, payload: bytes = b"") -> None:
+        """Raise what `produce` would raise for this input (unknown topic or partition, corrupt
+        or oversized batch), appending nothing: a request of several entries is validated
+        whole before any entry is appended. No partition: only the topic is checked."""
+        self._check_running()
+        t = self._topic_for_produce(topic)
+        if partition is None:
+            return
+        if not 0 <= partition < len(t.partitions):
+            raise UnknownPartitionError(topic, partition, len(t.partitions))
+        if payload:
+            t.partitions[partition].log.check(payload)
+
     def route_records(
         self, topic: str, partition: int | None, records: Sequence[NewRecord]
     ) -> dict[int, list[NewRecord]]:
@@ -343,6 +356,14 @@ class Broker:
             raise LimitExceededError(
                 f"{len(records)} records in one produce entry; the limit is "
                 f"{RECORDS_PER_REQUEST_MAX}"
+            )
+        # Kafka's rule: a record timestamp is ms since the epoch, never negative. It also keeps
+        # every timestamp delta of the encoded batch within the varlong's 64 bits.
+        earliest_ms = min(record.timestamp_ms for record in records)
+        if earliest_ms < 0:
+            raise InvalidRequestError(
+                f"record timestamp {earliest_ms} is negative: timestamps are ms since the Unix "
+                "epoch (leave it out to get the broker's time)"
             )
         t = self._topic_for_produce(topic)
         count = len(t.partitions)

@@ -162,6 +162,12 @@ class BrokerService:
                 )
             if not entry.record_batch and not entry.records:
                 raise InvalidRequestError(f"entry for topic {entry.topic!r} carries no records")
+        if len(request.partitions) > 1:
+            # One entry is validated by its append before anything is written; with several,
+            # validate every one first (the contract: a bad entry appends nothing at all).
+            for entry in request.partitions:
+                partition = entry.partition if entry.HasField("partition") else None
+                self.broker.check_produce(entry.topic, partition, entry.record_batch)
         for entry in request.partitions:
             partition = entry.partition if entry.HasField("partition") else None
             if entry.record_batch:
