@@ -51,8 +51,9 @@ FETCH_WAIT_MS_MAX = 30_000
 REQUEST_PARTITIONS_MAX = 4096
 # Records in one convenience-path produce entry (the fast path is bounded by batch bytes).
 RECORDS_PER_REQUEST_MAX = 100_000
-# Concurrent Subscribe streams; each holds a server thread and at most one response in flight.
-SUBSCRIBERS_MAX = 256
+# Concurrent Subscribe streams by default; each holds a server thread and at most one
+# response in flight. The server keeps workers - subscribers_max threads for other calls.
+SUBSCRIBERS_MAX = 48
 # How often a waiting subscriber wakes to check that its caller is still there.
 SUBSCRIBE_IDLE_CHECK_S = 0.5
 
@@ -86,6 +87,7 @@ class BrokerConfig:
     auto_create_partitions: int = 1
     # How often the background worker applies retention (and fsync `interval`).
     retention_check_interval_ms: int = 60_000
+    subscribers_max: int = SUBSCRIBERS_MAX
 
 
 def wall_clock_ms() -> int:
@@ -543,10 +545,10 @@ class Broker:
 
     def _enter_subscriber(self) -> None:
         with self._subscribers_lock:
-            if self._subscribers >= SUBSCRIBERS_MAX:
+            limit = self.config.subscribers_max
+            if self._subscribers >= limit:
                 raise LimitExceededError(
-                    f"{self._subscribers} subscribe streams are open; the limit is "
-                    f"{SUBSCRIBERS_MAX}"
+                    f"{self._subscribers} subscribe streams are open; the limit is {limit}"
                 )
             self._subscribers += 1
 

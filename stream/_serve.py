@@ -20,7 +20,7 @@ import grpc
 
 from storage import InvalidConfigError, LogConfig
 
-from ._broker import Broker, BrokerConfig
+from ._broker import SUBSCRIBERS_MAX, Broker, BrokerConfig
 from ._server import WORKERS_DEFAULT, build_server
 
 log = logging.getLogger("riverlog.serve")
@@ -31,6 +31,8 @@ DATA_DIR_DEFAULT = "riverlog-data"
 SHUTDOWN_GRACE_S_DEFAULT = 5.0
 # The background worker wakes at least this often (fsync `interval`, retention checks).
 BACKGROUND_PERIOD_MS_MAX = 1000
+# Worker threads always left for unary calls, whatever the subscribe streams hold.
+UNARY_WORKERS_MIN = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,7 +60,7 @@ def load_config(
     """Settings: built-in defaults, then the TOML file's [broker] and [log] tables, then flags.
 
     [broker]: data_dir, listen, auto_create_topics, auto_create_partitions,
-              retention_check_interval_ms, workers, shutdown_grace_s
+              retention_check_interval_ms, workers, shutdown_grace_s, subscribers_max
     [log]:    any LogConfig field, as broker-wide defaults for every topic
     """
     broker_table: dict[str, Any] = {}
@@ -90,10 +92,16 @@ def load_config(
         auto_create_topics=bool(broker_table.get("auto_create_topics", False)),
         auto_create_partitions=int(broker_table.get("auto_create_partitions", 1)),
         retention_check_interval_ms=int(broker_table.get("retention_check_interval_ms", 60_000)),
+        subscribers_max=int(broker_table.get("subscribers_max", SUBSCRIBERS_MAX)),
     )
     workers = int(broker_table.get("workers", WORKERS_DEFAULT))
     if not 4 <= workers <= 1024:
         raise InvalidConfigError(f"workers must be in [4, 1024], got {workers}")
+    if broker.subscribers_max > workers - UNARY_WORKERS_MIN:
+        raise InvalidConfigError(
+            f"subscribers_max {broker.subscribers_max} leaves fewer than {UNARY_WORKERS_MIN} "
+            f"of {workers} workers for other calls; raise workers or lower subscribers_max"
+        )
     return ServeConfig(
         broker=broker,
         listen=str(broker_table.get("listen", LISTEN_DEFAULT)),

@@ -3,6 +3,7 @@ retention and restart, with a fake clock (the fetch deadline is the only wall-cl
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -564,7 +565,7 @@ def test_subscribe_live_receives_new_batch(
 
 
 def test_subscribers_max(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_broker, "SUBSCRIBERS_MAX", 2)
+    broker.config = dataclasses.replace(broker.config, subscribers_max=2)
     broker.create_topic("t", 1)
     broker.produce("t", 0, batch(b"x"))
     first = broker.subscribe("t", [], ("earliest", 0))
