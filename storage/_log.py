@@ -36,7 +36,7 @@ import threading
 from dataclasses import dataclass
 
 from ._batch import BatchHeader, split_batches
-from ._config import FsyncPolicy, LogConfig
+from ._config import BATCH_BYTES_MAX_LIMIT, SEGMENT_BYTES_LIMIT, FsyncPolicy, LogConfig
 from ._errors import (
     CorruptBatchError,
     DiskFullError,
@@ -62,6 +62,10 @@ CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
 RECOVERY_POINT_FILE = "recovery-point"
 # One append may carry several back-to-back batches (one pwritev of 2 iovecs each).
 BATCHES_PER_APPEND_MAX = IOVECS_MAX // 2
+# Bytes in one append. An append into an empty segment may pass segment_bytes (one large
+# batch gets a segment of its own), so this also bounds index positions there: below 2**32.
+APPEND_BYTES_MAX = BATCH_BYTES_MAX_LIMIT
+assert max(SEGMENT_BYTES_LIMIT, APPEND_BYTES_MAX) < 2**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +210,10 @@ class PartitionLog:
     def check(self, payload: bytes | bytearray | memoryview) -> list[BatchHeader]:
         """Validate `payload` exactly as `append` does, appending nothing; return its batch
         headers. Lets a caller refuse a request of several appends before making any."""
+        if len(payload) > APPEND_BYTES_MAX:
+            raise LimitExceededError(
+                f"{len(payload)} bytes in one append; the limit is {APPEND_BYTES_MAX}"
+            )
         headers = split_batches(payload)
         if len(headers) > BATCHES_PER_APPEND_MAX:
             raise LimitExceededError(

@@ -774,3 +774,17 @@ def test_recovered_is_set_only_after_an_unclean_shutdown(tmp_path: Path) -> None
     with PartitionLog.open(tmp_path, QUIET) as plog:
         assert not plog.recovered
         assert plog.log_end_offset == 3
+
+
+def test_one_append_is_bounded_in_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many batches in one append cannot push index positions past u32: the total is capped."""
+    from storage import _log
+
+    monkeypatch.setattr(_log, "APPEND_BYTES_MAX", 1000)
+    plog = PartitionLog.open(tmp_path / "p", LogConfig())
+    one = encode_batch([NewRecord(None, b"x" * 400, 1)])
+    plog.append(one + one, 1)
+    with pytest.raises(LimitExceededError, match=r"bytes in one append; the limit is 1000"):
+        plog.append(one + one + one, 1)
+    assert plog.log_end_offset == 2
+    plog.close()
