@@ -29,6 +29,7 @@ file on the first lookup of a sealed segment -- and `searchsorted` runs on that.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -38,14 +39,15 @@ from ._config import RELATIVE_OFFSET_LIMIT
 
 OFFSET_ENTRY = np.dtype([("relative_offset", ">u4"), ("position", ">u4")])
 TIME_ENTRY = np.dtype([("timestamp", ">i8"), ("relative_offset", ">u4")])
-assert OFFSET_ENTRY.itemsize == 8
-assert TIME_ENTRY.itemsize == 12
+assert OFFSET_ENTRY.itemsize == struct.calcsize(">II") == 8
+assert TIME_ENTRY.itemsize == struct.calcsize(">qI") == 12
 
 
 class _Index:
     """Shared machinery: a file of fixed-size entries, a memmap while writable."""
 
     dtype: np.dtype[Any]
+    _entry: struct.Struct
     key_field: str
     key_native: type[np.integer[Any]]
 
@@ -123,13 +125,15 @@ class _Index:
             return np.empty(0, dtype=self.dtype[name].newbyteorder("="))
         return np.array(self._mm[name][: self.entries], dtype=self.dtype[name].newbyteorder("="))
 
-    def _put(self, values: tuple[int, int]) -> None:
+    def _put(self, key: int, value: int) -> None:
+        # struct into the memmap's own buffer: a numpy structured-element store costs ~1.7 us,
+        # this ~0.3 us, and it runs for most appended batches.
         assert self.writable
         assert self._mm is not None
         assert self._keys is not None
         assert self.entries < self.capacity, f"{self.path}: index full"
-        self._mm[self.entries] = values
-        self._keys[self.entries] = values[0]
+        self._entry.pack_into(self._mm._mmap, self.entries * self._entry.size, key, value)  # type: ignore[attr-defined]
+        self._keys[self.entries] = key
         self.entries += 1
 
     def trim(self) -> None:
@@ -162,13 +166,14 @@ class _Index:
 
 class OffsetIndex(_Index):
     dtype = OFFSET_ENTRY
+    _entry = struct.Struct(">II")
     key_field = "relative_offset"
     key_native = np.uint32
 
     def append(self, relative_offset: int, position: int) -> None:
         assert 0 <= relative_offset <= RELATIVE_OFFSET_LIMIT
         assert 0 <= position < 2**32
-        self._put((relative_offset, position))
+        self._put(relative_offset, position)
 
     def lookup(self, relative_offset: int) -> tuple[int, int]:
         """The last entry at or before `relative_offset`, or (0, 0) (the segment's start)."""
@@ -204,12 +209,21 @@ class OffsetIndex(_Index):
 
 class TimeIndex(_Index):
     dtype = TIME_ENTRY
+    _entry = struct.Struct(">qI")
+
+    def __init__(self, path: str, entries: int, capacity: int, writable: bool) -> None:
+        super().__init__(path, entries, capacity, writable)
+        # The newest entry's timestamp (None while empty): read per appended batch.
+        last = self.last()
+        self.last_timestamp: int | None = None if last is None else last[0]
+
     key_field = "timestamp"
     key_native = np.int64
 
     def append(self, timestamp_ms: int, relative_offset: int) -> None:
         assert 0 <= relative_offset <= RELATIVE_OFFSET_LIMIT
-        self._put((timestamp_ms, relative_offset))
+        self._put(timestamp_ms, relative_offset)
+        self.last_timestamp = timestamp_ms
 
     def lookup(self, timestamp_ms: int) -> int:
         """A relative offset before which every record is older than `timestamp_ms` (or 0)."""

@@ -28,12 +28,13 @@ before it, so concurrent producers overlap their CPU work.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._batch import BatchHeader, split_batches
 from ._config import BATCH_BYTES_MAX_LIMIT, SEGMENT_BYTES_LIMIT, FsyncPolicy, LogConfig
@@ -65,11 +66,14 @@ BATCHES_PER_APPEND_MAX = IOVECS_MAX // 2
 # Bytes in one append. An append into an empty segment may pass segment_bytes (one large
 # batch gets a segment of its own), so this also bounds index positions there: below 2**32.
 APPEND_BYTES_MAX = BATCH_BYTES_MAX_LIMIT
+# Sealed segments whose fsync may lag behind the roll (fsync `never` / `interval`).
+SEALED_FLUSHES_PENDING_MAX = 4
 assert max(SEGMENT_BYTES_LIMIT, APPEND_BYTES_MAX) < 2**32
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
+class AppendResult(NamedTuple):
+    """Made once per append: a tuple costs a third of a frozen dataclass."""
+
     base_offset: int
     last_offset: int
     log_append_time_ms: int
@@ -87,6 +91,12 @@ class PartitionLog:
         self._dirty = False
         # What recovery cut on open, for callers and tests; also logged.
         self.truncations: list[Truncation] = []
+        self._recovery_point = 0
+        # Sealed segments waiting for their background fsync (see _flush_behind).
+        self._pending: collections.deque[tuple[Segment, int]] = collections.deque()
+        self._flush_cv = threading.Condition()
+        self._flusher: threading.Thread | None = None
+        self._flush_error: BaseException | None = None
         self.recovered = False
 
     # ------------------------------------------------------------------ open
@@ -116,9 +126,13 @@ class PartitionLog:
             fsync_dir(d)
         if not bases:
             self._append_segment(Segment.create(d, 0, self.config))
-            fsync_dir(d)
+            self._write_recovery_point(0)
             return
-        recovery_point = 0 if clean else self._read_recovery_point()
+        checkpoint = None if clean else self._read_recovery_point()
+        # Without a readable checkpoint nothing is known durable: scan all, cut nothing sealed.
+        strict = not clean and checkpoint is None
+        recovery_point = checkpoint or 0
+        self._recovery_point = recovery_point
         # Segments wholly below the recovery point are trusted; the rest are scanned.
         first_scanned = (
             len(bases) if clean else max(0, bisect.bisect_right(bases, recovery_point) - 1)
@@ -130,8 +144,12 @@ class PartitionLog:
                     nxt = None if newest else bases[i + 1]
                     seg = Segment.open_trusted(d, base, self.config, nxt)
                 else:
-                    seg, cut = Segment.open_recover(d, base, self.config, newest)
+                    # Past the recovery point a sealed segment may not have reached the disk
+                    # (its flush runs behind the roll), so a bad batch there is a torn tail.
+                    seg, cut = Segment.open_recover(d, base, self.config, newest or not strict)
+                    self.recovered = True
                     if cut is not None:
+                        cut = self._drop_after(cut, bases[i + 1 :])
                         self.truncations.append(cut)
                         log.warning(
                             "recovery cut %s at byte %d: dropped %d bytes, offsets from %d (%s)",
@@ -141,7 +159,8 @@ class PartitionLog:
                             cut.first_offset_dropped,
                             cut.reason,
                         )
-                    self.recovered = True
+                        self._append_segment(seg)
+                        break
                 if self._segments and seg.base_offset != self._segments[-1].next_offset:
                     raise StorageError(
                         f"{seg.log_path}: starts at offset {seg.base_offset} but the previous "
@@ -153,6 +172,11 @@ class PartitionLog:
                 seg.close()
             raise
         if self.recovered:
+            # What recovery read may have come from the page cache only (a process crash):
+            # make the scanned sealed segments durable before the checkpoint moves past them.
+            for seg in self._segments[first_scanned:-1]:
+                seg.flush()
+            self._write_recovery_point(self._segments[-1].base_offset)
             log.info(
                 "recovered %s: offsets [%d, %d) in %d segments",
                 d,
@@ -161,15 +185,84 @@ class PartitionLog:
                 len(self._segments),
             )
 
-    def _read_recovery_point(self) -> int:
+    def _drop_after(self, cut: Truncation, later: list[int]) -> Truncation:
+        """A cut in a sealed segment ends the log there: delete the segments after it."""
+        if not later:
+            return cut
+        dropped = 0
+        for base in later:
+            path = os.path.join(self.directory, file_stem(base) + LOG_SUFFIX)
+            dropped += os.path.getsize(path)
+            _unlink_new_segment(self.directory, base)
+        fsync_dir(self.directory)
+        return Truncation(
+            cut.path,
+            cut.position,
+            cut.bytes_dropped + dropped,
+            cut.first_offset_dropped,
+            f"{cut.reason}; also deleted {len(later)} later segment(s) from offset {later[0]}",
+        )
+
+    def _read_recovery_point(self) -> int | None:
         try:
             with open(os.path.join(self.directory, RECOVERY_POINT_FILE), "rb") as f:
-                return int(f.read().decode().strip())
-        except (FileNotFoundError, ValueError):
-            return 0  # no checkpoint (or a damaged one): scan everything
+                value = int(f.read().decode().strip())
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return None  # no checkpoint (or a damaged one)
+        return value if value >= 0 else None
 
     def _write_recovery_point(self, offset: int) -> None:
         atomic_write(os.path.join(self.directory, RECOVERY_POINT_FILE), f"{offset}\n".encode())
+        self._recovery_point = offset
+
+    def _flush_behind(self, seg: Segment, upto: int) -> None:
+        """Queue a sealed segment's fsync for a helper thread; it then moves the recovery
+        point to `upto`.
+
+        The append that rolled does not wait for the disk (Kafka also flushes on roll in the
+        background). At most SEALED_FLUSHES_PENDING_MAX segments wait to be flushed, which
+        bounds what a power loss can tear; a roll beyond that waits. Flushes, retention and
+        close drain the queue first.
+        """
+        with self._flush_cv:
+            while len(self._pending) >= SEALED_FLUSHES_PENDING_MAX and self._flush_error is None:
+                self._flush_cv.wait()
+            self._pending.append((seg, upto))
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_worker, name="riverlog-seal-flush", daemon=True
+                )
+                self._flusher.start()
+
+    def _flush_worker(self) -> None:
+        while True:
+            with self._flush_cv:
+                if not self._pending or self._flush_error is not None:
+                    self._pending.clear()
+                    self._flusher = None
+                    self._flush_cv.notify_all()
+                    return
+                seg, upto = self._pending[0]  # stays queued (and counted) while in flight
+            try:
+                seg.flush()
+                self._write_recovery_point(upto)
+            except BaseException as e:  # reported to the next caller of the log
+                log.error("background fsync of %s failed: %s", seg.log_path, e)
+                with self._flush_cv:
+                    self._flush_error = e
+                continue
+            with self._flush_cv:
+                self._pending.popleft()
+                self._flush_cv.notify_all()
+
+    def _join_flusher(self) -> None:
+        """Wait until every queued sealed-segment fsync is done; raise if one failed."""
+        with self._flush_cv:
+            while self._flusher is not None:
+                self._flush_cv.wait()
+            error, self._flush_error = self._flush_error, None
+        if error is not None:
+            raise StorageError(f"fsync of a sealed segment of {self.directory} failed: {error}")
 
     def _append_segment(self, seg: Segment) -> None:
         self._segments.append(seg)
@@ -232,9 +325,14 @@ class PartitionLog:
     ) -> AppendResult:
         active = self._segments[-1]
         base = active.next_offset
-        count = sum(h.last_offset_delta + 1 for h in headers)
-        last = base + count - 1
-        if active.sealed or not active.room_for(len(view), last) or self._aged(active, headers):
+        # Header fields by index (6 lastOffsetDelta, 8 maxTimestamp): this runs per append.
+        if len(headers) == 1:
+            last = base + headers[0][6]
+            newest_ms = headers[0][8]
+        else:
+            last = base + sum(h[6] + 1 for h in headers) - 1
+            newest_ms = max(h[8] for h in headers)
+        if active.sealed or not active.room_for(len(view), last) or self._aged(active, newest_ms):
             active = self._roll_locked()
         active.append(view, headers)
         self._dirty = True
@@ -245,8 +343,9 @@ class PartitionLog:
             self._flush_if_due_locked(now_ms)
         return AppendResult(base, last, now_ms)
 
-    def _aged(self, seg: Segment, headers: list[BatchHeader]) -> bool:
-        """Whether the incoming batches are `segment_ms` later than the segment's first batch.
+    def _aged(self, seg: Segment, newest_ms: int) -> bool:
+        """Whether the incoming batches (newest record at `newest_ms`) are `segment_ms` later
+        than the segment's first batch.
 
         Record time against record time, as Kafka's `LogSegment.shouldRoll` does, never the
         broker's clock against a record's time: records stamped in the past (a replay, a
@@ -255,7 +354,6 @@ class PartitionLog:
         age_limit = self.config.segment_ms
         if age_limit is None or seg.size == 0 or seg.first_timestamp is None:
             return False
-        newest_ms = max(h.max_timestamp for h in headers)
         return newest_ms - seg.first_timestamp >= age_limit
 
     # ------------------------------------------------------------------ roll
@@ -284,8 +382,10 @@ class PartitionLog:
             raise StorageError(f"rolling {self.directory} failed: {e}") from e
         self._append_segment(new)
         fsync_dir(self.directory)
-        self._write_recovery_point(new.base_offset)
-        self._dirty = False
+        if self.config.fsync == FsyncPolicy.ALWAYS:
+            self._write_recovery_point(new.base_offset)  # every append was fsynced already
+        else:
+            self._flush_behind(old, new.base_offset)
         return new
 
     # ------------------------------------------------------------------ read
@@ -332,6 +432,7 @@ class PartitionLog:
         `retention_ms` (by their newest record). Never the active one. Returns how many."""
         with self._lock:
             self._check_open()
+            self._join_flusher()  # never delete a segment whose fsync is in flight
             cfg = self.config
             deleted = 0
             total = sum(seg.size for seg in self._segments)
@@ -386,6 +487,7 @@ class PartitionLog:
         return False
 
     def _flush_locked(self, now_ms: int | None) -> None:
+        self._join_flusher()  # a sealed segment still on its way to disk comes first
         self._segments[-1].flush()
         self._dirty = False
         if now_ms is not None:
@@ -397,6 +499,12 @@ class PartitionLog:
             if self._closed:
                 return
             self._closed = True
+            try:
+                self._join_flusher()
+            except StorageError:
+                for seg in self._segments:
+                    seg.close()
+                raise  # no clean marker: the next open scans and checks
             for seg in self._segments:
                 seg.close(clean=True)
             self._write_recovery_point(self.log_end_offset)
@@ -406,6 +514,8 @@ class PartitionLog:
         """Release files without flushing or marking clean (as a crash would leave them)."""
         with self._lock:
             self._closed = True
+            with contextlib.suppress(StorageError):
+                self._join_flusher()  # its file must stay open until it is done
             for seg in self._segments:
                 seg.close()
 

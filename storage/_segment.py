@@ -41,6 +41,7 @@ READ_AHEAD_BYTES = 64 * 1024
 # baseTimestamp, maxTimestamp: what walking the log needs from each header.
 _PREFIX = struct.Struct(">qiibIhiqq")
 _PREFIX_BYTES = _PREFIX.size
+_BASE_OFFSET = struct.Struct(">q")
 # Iovec count per pwritev, well under Linux's IOV_MAX of 1024.
 IOVECS_MAX = 512
 
@@ -233,7 +234,13 @@ class Segment:
                     if header.last_offset - self.base_offset > RELATIVE_OFFSET_LIMIT:
                         return pos, "relative offset past u32"
                     if account:
-                        self._account(header, pos)
+                        self._account(
+                            header.base_offset,
+                            header.last_offset_delta,
+                            header.size,
+                            header.max_timestamp,
+                            pos,
+                        )
                     expected = header.last_offset + 1
                     pos += header.size
                 return pos, None
@@ -243,13 +250,16 @@ class Segment:
     # ------------------------------------------------------------------ appending
     def room_for(self, payload_bytes: int, last_offset: int) -> bool:
         """Whether a payload fits without rolling (size, index space, u32 offsets)."""
+        if last_offset - self.base_offset > RELATIVE_OFFSET_LIMIT:
+            return False
         if self.size == 0:
-            return last_offset - self.base_offset <= RELATIVE_OFFSET_LIMIT
+            return True
+        # `full` inlined: entries >= capacity - 1 (one slot kept for the seal entry).
+        offsets, times = self.offset_index, self.time_index
         return (
             self.size + payload_bytes <= self.config.segment_bytes
-            and not self.offset_index.full
-            and not self.time_index.full
-            and last_offset - self.base_offset <= RELATIVE_OFFSET_LIMIT
+            and offsets.entries < offsets.capacity - 1
+            and times.entries < times.capacity - 1
         )
 
     def append(self, payload: memoryview, headers: list[BatchHeader]) -> None:
@@ -261,14 +271,18 @@ class Segment:
         assert not self.sealed
         if len(headers) * 2 > IOVECS_MAX:
             raise StorageError(f"{len(headers)} batches in one append; at most {IOVECS_MAX // 2}")
+        # Header fields by index on this per-batch path: 1 batchLength, 6 lastOffsetDelta,
+        # 8 maxTimestamp.
         iov: list[bytes | memoryview] = []
         offset = self.next_offset
         pos = 0
+        pack = _BASE_OFFSET.pack
         for header in headers:
-            iov.append(struct.pack(">q", offset))
-            iov.append(payload[pos + 8 : pos + header.size])
-            offset += header.last_offset_delta + 1
-            pos += header.size
+            size = header[1] + LOG_OVERHEAD
+            iov.append(pack(offset))
+            iov.append(payload[pos + 8 : pos + size])
+            offset += header[6] + 1
+            pos += size
         total = pos
         start = self.size
         try:
@@ -287,14 +301,16 @@ class Segment:
         pos = start
         offset = self.next_offset
         for header in headers:
-            self._account(header._replace(base_offset=offset), pos)
-            offset += header.last_offset_delta + 1
-            pos += header.size
+            size = header[1] + LOG_OVERHEAD
+            self._account(offset, header[6], size, header[8], pos)
+            offset += header[6] + 1
+            pos += size
         self.size = start + total
 
-    def _account(self, header: BatchHeader, pos: int) -> None:
+    def _account(
+        self, base_offset: int, last_offset_delta: int, size: int, max_timestamp: int, pos: int
+    ) -> None:
         """Index bookkeeping for one batch written at `pos` (also the recovery scan's)."""
-        rel = header.base_offset - self.base_offset
         # `room_for` rolls on a full index only between appends; the batches of one append
         # (or a scan under a smaller index_bytes_max) can fill it, and then the rest of the
         # segment goes unindexed: lookups walk further, and the time index keeps the slot
@@ -303,18 +319,23 @@ class Segment:
             self.bytes_since_index >= self.config.index_interval_bytes
             and not self.offset_index.full
         ):
+            rel = base_offset - self.base_offset
             self.offset_index.append(rel, pos)
-            if self.max_timestamp is not None and not self.time_index.full:
-                last = self.time_index.last()
-                if last is None or self.max_timestamp > last[0]:
-                    self.time_index.append(self.max_timestamp, rel)
+            newest = self.max_timestamp
+            times = self.time_index
+            if (
+                newest is not None
+                and not times.full
+                and (times.last_timestamp is None or newest > times.last_timestamp)
+            ):
+                times.append(newest, rel)
             self.bytes_since_index = 0
-        self.bytes_since_index += header.size
+        self.bytes_since_index += size
         if self.first_timestamp is None:
-            self.first_timestamp = header.max_timestamp
-        if self.max_timestamp is None or header.max_timestamp > self.max_timestamp:
-            self.max_timestamp = header.max_timestamp
-        self.next_offset = header.base_offset + header.last_offset_delta + 1
+            self.first_timestamp = max_timestamp
+        if self.max_timestamp is None or max_timestamp > self.max_timestamp:
+            self.max_timestamp = max_timestamp
+        self.next_offset = base_offset + last_offset_delta + 1
 
     # ------------------------------------------------------------------ reading
     def read(
@@ -394,8 +415,10 @@ class Segment:
         os.fdatasync(self.fd)
 
     def seal(self) -> None:
-        """Make the segment whole on disk and read-only: fsync the log, trim the indexes."""
-        self.flush()
+        """Make the segment read-only: final time-index entry, indexes trimmed and fsynced.
+
+        The log's bytes are fsynced by the owner: at once with fsync `always` (they already
+        are), behind the roll otherwise (see PartitionLog._flush_behind)."""
         self._final_time_entry()
         self.offset_index.trim()
         self.time_index.trim()

@@ -340,20 +340,24 @@ def test_bit_flip_mid_active_segment_cuts_from_that_batch_on_kafkas_rule(
     log.close()
 
 
-@pytest.mark.parametrize("checkpoint", ["deleted", "stale"])
+@pytest.mark.parametrize("checkpoint", ["deleted", "garbage", "past-it"])
 @pytest.mark.parametrize("segment", [0, 1])
 def test_bit_flip_in_a_sealed_segment_refuses_to_open_and_touches_nothing(
     crashed: tuple[pathlib.Path, Expected], segment: int, checkpoint: str
 ) -> None:
-    """A crash before the recovery point landed leaves sealed segments to scan. A bad batch
-    there is not a torn write (the segment was fsynced when it sealed): cutting it would drop
-    acknowledged records and everything after, so the log refuses to open and says where."""
+    """A sealed segment known to be on disk (below the recovery point), or with no readable
+    checkpoint to say otherwise, holds no torn write: a bad batch there is damage, and
+    cutting it would drop acknowledged records and everything after, so the log refuses to
+    open and says where."""
     directory, _expected = crashed
     sealed = _logs(directory)[segment]
     if checkpoint == "deleted":
         (directory / RECOVERY_POINT_FILE).unlink()
-    else:  # the checkpoint written before this segment sealed
-        (directory / RECOVERY_POINT_FILE).write_text(f"{int(sealed.stem)}\n")
+    elif checkpoint == "garbage":
+        (directory / RECOVERY_POINT_FILE).write_bytes(b"\x00\xffnot an offset")
+    else:  # the checkpoint says this segment is durable; a damaged index forces its scan
+        (directory / RECOVERY_POINT_FILE).write_text(f"{int(_logs(directory)[-1].stem)}\n")
+        sealed.with_suffix(".index").unlink()
     bad = _batches(sealed)[2]
     _flip_bit(sealed, bad.position + RECORDS_AT + 3, bit=6)
     before = _snapshot(directory)
@@ -366,6 +370,44 @@ def test_bit_flip_in_a_sealed_segment_refuses_to_open_and_touches_nothing(
         assert f"{sealed}: corrupt batch at byte {bad.position}: " in str(raised.value)
         assert "CRC32C" in raised.value.reason
         assert _snapshot(directory) == before
+
+
+@pytest.mark.parametrize("segment", [0, 1])
+def test_bad_batch_in_a_sealed_segment_past_the_recovery_point_is_a_torn_tail(
+    crashed: tuple[pathlib.Path, Expected], segment: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sealed segment at or past the recovery point may not have reached the disk (its
+    fsync runs behind the roll), so after a power loss a bad batch there is a torn write, as
+    in Kafka: the log is cut at that batch, later segments are deleted, and the cut is logged
+    with the file, byte position, bytes and first offset dropped."""
+    directory, expected = crashed
+    logs = _logs(directory)
+    sealed = logs[segment]
+    (directory / RECOVERY_POINT_FILE).write_text(f"{int(sealed.stem)}\n")
+    bad = _batches(sealed)[2]
+    _flip_bit(sealed, bad.position + RECORDS_AT + 3, bit=6)
+    later_bytes = sum(p.stat().st_size for p in logs[segment + 1 :])
+    size_before = sealed.stat().st_size
+    caplog.set_level(logging.WARNING, logger="riverlog.storage")
+
+    log = PartitionLog.open(directory, CONFIG)
+    assert len(log.truncations) == 1
+    cut = log.truncations[0]
+    assert (cut.path, cut.position, cut.first_offset_dropped) == (
+        str(sealed),
+        bad.position,
+        bad.base_offset,
+    )
+    assert cut.bytes_dropped == size_before - bad.position + later_bytes
+    assert sealed.stat().st_size == bad.position
+    assert f"deleted {len(logs) - segment - 1} later segment(s)" in cut.reason
+    assert _logs(directory) == logs[: segment + 1]
+    assert any(str(sealed) in r.getMessage() for r in caplog.records)
+    Expected({o: v for o, v in expected.values.items() if o < bad.base_offset}).check(
+        log, bad.base_offset
+    )
+    assert log.append(encode_batch(_records(1)), NOW_MS).base_offset == bad.base_offset
+    log.close()
 
 
 # ---------------------------------------------------------------------------- indexes
