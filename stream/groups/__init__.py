@@ -1,0 +1,1 @@
+"""Consumer groups: the coordinator state machine, the assignor, the committed-offset store."""
