@@ -463,6 +463,32 @@ class PartitionLog:
                 )
             return deleted
 
+    def delete_before(self, offset: int) -> int:
+        """Delete whole sealed segments, oldest first, whose every offset is below `offset`
+        (the next segment starts at or before it). Never the active one, so the log start
+        offset only moves forward and never past the log end offset. Returns how many.
+
+        For an owner that has made those records redundant (a snapshot covering them)."""
+        with self._lock:
+            self._check_open()
+            self._join_flusher()  # never delete a segment whose fsync is in flight
+            deleted = 0
+            while len(self._segments) > 1 and self._segments[1].base_offset <= offset:
+                oldest = self._segments.pop(0)
+                self._bases.pop(0)
+                oldest.delete()
+                deleted += 1
+            if deleted:
+                fsync_dir(self.directory)
+                log.info(
+                    "deleted %d segment(s) of %s below offset %d; log start offset now %d",
+                    deleted,
+                    self.directory,
+                    offset,
+                    self.log_start_offset,
+                )
+            return deleted
+
     # ------------------------------------------------------------------ durability
     def flush(self, now_ms: int | None = None) -> None:
         """fsync the active segment's appended bytes."""
@@ -477,7 +503,7 @@ class PartitionLog:
             return self._flush_if_due_locked(now_ms)
 
     def _flush_if_due_locked(self, now_ms: int) -> bool:
-        if not self._dirty:
+        if not self._dirty or self.config.fsync != FsyncPolicy.INTERVAL:
             return False
         if self._last_flush_ms is None:
             self._last_flush_ms = now_ms

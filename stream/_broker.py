@@ -251,7 +251,8 @@ class Broker:
             self._check_running()
             topic = self._topic(name)
             self._topics = {k: v for k, v in self._topics.items() if k != name}
-            self._close_logs([topic])
+            for p in topic.partitions:
+                p.log.abandon()  # its files are about to go: no flush, no clean marker
             self._catalog.delete_topic(name)
             for p in topic.partitions:
                 p.notify()  # waiting readers see the topic gone

@@ -149,47 +149,43 @@ class BrokerService:
 
     def _produce(self, request: broker_pb2.ProduceRequest) -> broker_pb2.ProduceResponse:
         durable = request.acks == broker_pb2.ACKS_ALL
-        results: list[ProduceResult] = []
+        # Each access to a protobuf bytes field copies it (34 us per MiB): read batches once.
+        entries = [
+            (e.topic, e.partition if e.HasField("partition") else None, e.record_batch, e)
+            for e in request.partitions
+        ]
         # Check every entry before appending any: a bad entry fails the call, nothing appended.
-        for entry in request.partitions:
-            if entry.record_batch and entry.records:
+        for topic, partition, batch, entry in entries:
+            if batch and entry.records:
                 raise InvalidRequestError(
-                    f"entry for topic {entry.topic!r} sets both record_batch and records"
+                    f"entry for topic {topic!r} sets both record_batch and records"
                 )
-            if entry.record_batch and not entry.HasField("partition"):
+            if batch and partition is None:
                 raise InvalidRequestError(
                     "record_batch needs a partition: the broker does not read keys on the fast path"
                 )
-            if not entry.record_batch and not entry.records:
-                raise InvalidRequestError(f"entry for topic {entry.topic!r} carries no records")
-        if len(request.partitions) > 1:
+            if not batch and not entry.records:
+                raise InvalidRequestError(f"entry for topic {topic!r} carries no records")
+        if len(entries) > 1:
             # One entry is validated by its append before anything is written; with several,
             # validate every one first (the contract: a bad entry appends nothing at all).
-            for entry in request.partitions:
-                partition = entry.partition if entry.HasField("partition") else None
-                self.broker.check_produce(entry.topic, partition, entry.record_batch)
-        for entry in request.partitions:
-            partition = entry.partition if entry.HasField("partition") else None
-            if entry.record_batch:
-                assert partition is not None
-                try:
-                    result = self.broker.produce(
-                        entry.topic, partition, entry.record_batch, durable=durable
-                    )
-                    results.append(ProduceResult(entry.topic, partition, result))
-                except StorageError as e:
-                    results.append(ProduceResult(entry.topic, partition, error=e))
-            else:
-                now_ms = self.broker.now_ms()
-                records = [_new_record(r, now_ms) for r in entry.records]
-                try:
+            for topic, partition, batch, _entry in entries:
+                self.broker.check_produce(topic, partition, batch)
+        results: list[ProduceResult] = []
+        for topic, partition, batch, entry in entries:
+            try:
+                if batch:
+                    assert partition is not None
+                    result = self.broker.produce(topic, partition, batch, durable=durable)
+                    results.append(ProduceResult(topic, partition, result))
+                else:
+                    now_ms = self.broker.now_ms()
+                    records = [_new_record(r, now_ms) for r in entry.records]
                     results.extend(
-                        self.broker.produce_records(
-                            entry.topic, partition, records, durable=durable
-                        )
+                        self.broker.produce_records(topic, partition, records, durable=durable)
                     )
-                except StorageError as e:
-                    results.append(ProduceResult(entry.topic, partition or 0, error=e))
+            except StorageError as e:
+                results.append(ProduceResult(topic, partition or 0, error=e))
         errors = [r.error for r in results if r.error is not None]
         if results and len(errors) == len(results):
             raise errors[0]
@@ -260,19 +256,21 @@ class BrokerService:
         errors = [r.error for r in results if r.error is not None]
         if len(errors) == len(results):
             raise errors[0]
-        return broker_pb2.FetchResponse(
-            results=[
-                broker_pb2.FetchPartitionResult(
-                    topic=r.topic,
-                    partition=r.partition,
-                    record_batches=r.data,
-                    high_watermark=r.high_watermark,
-                    log_start_offset=r.log_start_offset,
-                    error=_partition_error(r.error),
-                )
-                for r in results
-            ]
-        )
+        # `add` builds each result in place: constructing them first and passing the list
+        # copies every batch once more (measured: 346 us per MiB against 186 us).
+        response = broker_pb2.FetchResponse()
+        for r in results:
+            item = response.results.add(
+                topic=r.topic,
+                partition=r.partition,
+                record_batches=r.data,
+                high_watermark=r.high_watermark,
+                log_start_offset=r.log_start_offset,
+            )
+            if r.error is not None:
+                item.error.code = status_for(r.error).value[0]
+                item.error.message = str(r.error)
+        return response
 
     @_guarded_stream
     def Subscribe(
