@@ -232,6 +232,7 @@ class FetchRequest(_message.Message):
     MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
     MIN_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
     max_wait_ms: _builtins.int
     """Longest wait for `min_bytes` (0: answer at once). At most 30,000."""
     min_bytes: _builtins.int
@@ -240,6 +241,13 @@ class FetchRequest(_message.Message):
     """Budget over all partitions; 0 means 1 MiB. At most 64 MiB."""
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FetchPartition]: ...
+    @_builtins.property
+    def member(self) -> _types_pb2.GroupMember:
+        """Set by consumer-group members: the fetch is refused (ABORTED, FAILED_PRECONDITION or
+        PERMISSION_DENIED, see riverlog.v1.Groups) unless this member, at this epoch, owns every
+        partition asked for, so a member that lost a partition stops reading it.
+        """
+
     def __init__(
         self,
         *,
@@ -247,10 +255,11 @@ class FetchRequest(_message.Message):
         max_wait_ms: _builtins.int = ...,
         min_bytes: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        member: _types_pb2.GroupMember | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_wait_ms", b"max_wait_ms", "min_bytes", b"min_bytes", "partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_wait_ms", b"max_wait_ms", "member", b"member", "min_bytes", b"min_bytes", "partitions", b"partitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
