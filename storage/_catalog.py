@@ -66,6 +66,9 @@ TOPIC_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
 TOPIC_NAME_CHARS_MAX = 249
 # "." and ".." match the pattern but are path components, and a name is never a path.
 TOPIC_NAMES_REFUSED = frozenset({".", ".."})
+# Logs the broker keeps for itself beside the topics (consumer groups' committed offsets):
+# no user topic may take these names, and the catalog never removes their directories.
+INTERNAL_TOPIC_NAMES = frozenset({"__consumer_offsets"})
 # Each partition holds open files: one log and two memory-mapped indexes (offset, time) for
 # its active segment, so partitions per topic are bounded to keep file descriptors bounded.
 PARTITIONS_MAX = 1024
@@ -107,6 +110,8 @@ def validate_topic_name(name: str) -> str:
             f"invalid topic name {_show_name(name)}: a topic name is 1 to "
             f"{TOPIC_NAME_CHARS_MAX} characters from [A-Za-z0-9._-]"
         )
+    if name in INTERNAL_TOPIC_NAMES:
+        raise InvalidNameError(f"topic name {name!r} is reserved for the broker's own use")
     return name
 
 
@@ -385,7 +390,11 @@ class Catalog:
             if match is None or not entry.is_dir() or entry.is_symlink():
                 continue
             topic, partition = match["topic"], int(match["partition"])
-            if topic in TOPIC_NAMES_REFUSED or TOPIC_NAME_PATTERN.fullmatch(topic) is None:
+            if (
+                topic in TOPIC_NAMES_REFUSED
+                or topic in INTERNAL_TOPIC_NAMES
+                or TOPIC_NAME_PATTERN.fullmatch(topic) is None
+            ):
                 continue  # not a name the catalog could have made: not ours to remove
             meta = self._topics.get(topic)
             if meta is None or partition >= meta.partitions:

@@ -37,7 +37,7 @@ from storage._fs import atomic_write, fsync_dir, remove_tree, tmp_name
 
 
 @pytest.mark.parametrize(
-    "name", ["ok.name_-1", "a", "A" * 249, "__consumer_offsets", "...", "-", "topic-0"]
+    "name", ["ok.name_-1", "a", "A" * 249, "__consumer_offsetz", "...", "-", "topic-0"]
 )
 def test_valid_names_are_accepted(name: str) -> None:
     assert validate_topic_name(name) == name
@@ -542,3 +542,14 @@ def test_remove_tree_and_fsync_dir(tmp_path: pathlib.Path) -> None:
     remove_tree(tree)
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_internal_names_are_reserved_and_their_directories_kept(tmp_path: pathlib.Path) -> None:
+    """`__consumer_offsets` holds the groups' committed offsets beside the topics."""
+    with pytest.raises(InvalidNameError, match="reserved"):
+        validate_topic_name("__consumer_offsets")
+    internal = tmp_path / "__consumer_offsets-0"
+    internal.mkdir()
+    (internal / "00000000000000000000.log").write_bytes(b"")
+    Catalog.open(tmp_path)
+    assert (internal / "00000000000000000000.log").exists()
