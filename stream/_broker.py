@@ -214,6 +214,8 @@ class Broker:
         self._closing = False
         self._subscribers = 0
         self._subscribers_lock = threading.Lock()
+        # Called with ("created" | "deleted" | "grown", topic) after a topic change.
+        self._topic_listeners: list[Callable[[str, str], None]] = []
         try:
             for meta in self._catalog.list():
                 self._topics[meta.name] = self._open_topic(meta, range(meta.partitions))
@@ -231,6 +233,13 @@ class Broker:
         return _Topic(meta, partitions)
 
     # ------------------------------------------------------------------ admin
+    def add_topic_listener(self, listener: Callable[[str, str], None]) -> None:
+        self._topic_listeners.append(listener)
+
+    def _topic_changed(self, event: str, name: str) -> None:
+        for listener in self._topic_listeners:
+            listener(event, name)
+
     def create_topic(
         self, name: str, partitions: int, config: Mapping[str, str] | None = None
     ) -> TopicInfo:
@@ -244,6 +253,7 @@ class Broker:
                 raise
             self._topics = {**self._topics, name: topic}
             log.info("created topic %r with %d partitions", name, partitions)
+            self._topic_changed("created", name)
             return self._describe(topic)
 
     def delete_topic(self, name: str) -> None:
@@ -257,6 +267,7 @@ class Broker:
             for p in topic.partitions:
                 p.notify()  # waiting readers see the topic gone
             log.info("deleted topic %r", name)
+            self._topic_changed("deleted", name)
 
     def add_partitions(self, name: str, total: int) -> TopicInfo:
         with self._lock:
@@ -266,6 +277,7 @@ class Broker:
             topic = self._open_topic(meta, range(len(old.partitions), meta.partitions), old)
             topic.round_robin = old.round_robin
             self._topics = {**self._topics, name: topic}
+            self._topic_changed("grown", name)
             return self._describe(topic)
 
     def list_topics(self) -> list[tuple[str, int]]:

@@ -20,8 +20,10 @@ import grpc
 
 from storage import InvalidConfigError, LogConfig
 
-from ._broker import SUBSCRIBERS_MAX, Broker, BrokerConfig
+from ._broker import SUBSCRIBERS_MAX, Broker, BrokerConfig, wall_clock_ms
+from ._groups import GroupManager
 from ._server import WORKERS_DEFAULT, build_server
+from .groups._offsets import OffsetStore
 
 log = logging.getLogger("riverlog.serve")
 
@@ -116,14 +118,20 @@ class RunningBroker:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.broker = Broker(config.broker)
-        self.server = build_server(self.broker, workers=config.workers)
+        try:
+            self.offsets = OffsetStore.open(config.broker.data_dir, wall_clock_ms())
+        except BaseException:
+            self.broker.close()
+            raise
+        self.groups = GroupManager(self.broker, self.offsets, wall_clock_ms)
+        self.server = build_server(self.broker, self.groups, workers=config.workers)
         try:
             self.port = self.server.add_insecure_port(config.listen)
         except RuntimeError as e:
-            self.broker.close()
+            self._close_stores()
             raise InvalidConfigError(f"cannot listen on {config.listen}: {e}") from None
         if self.port == 0:
-            self.broker.close()
+            self._close_stores()
             raise InvalidConfigError(f"cannot listen on {config.listen}")
         self._stopped = threading.Event()
         self._worker = threading.Thread(target=self._background, name="riverlog-bg", daemon=True)
@@ -150,6 +158,7 @@ class RunningBroker:
         while not self._stopped.wait(period_ms / 1000):
             try:
                 self.broker.flush_due()
+                self.groups.expire()
                 since_retention_ms += period_ms
                 if since_retention_ms >= cfg.retention_check_interval_ms:
                     since_retention_ms = 0
@@ -167,7 +176,13 @@ class RunningBroker:
         done.wait(self.config.shutdown_grace_s + 1)
         if self._worker.is_alive():
             self._worker.join(timeout=5)
-        self.broker.close()
+        self._close_stores()
+
+    def _close_stores(self) -> None:
+        try:
+            self.offsets.close()
+        finally:
+            self.broker.close()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.server.wait_for_termination(timeout_s))

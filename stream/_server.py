@@ -1,44 +1,23 @@
-"""The gRPC edge: protobuf in, broker call, protobuf out; errors mapped to statuses in one place.
+"""The gRPC edge for the Broker and Admin services: protobuf in, broker call, protobuf out.
 
-Requests arrive as raw bytes and are parsed inside the handler, so undecodable bytes get
-INVALID_ARGUMENT (grpcio's own deserializer would answer INTERNAL). Every broker error is a
-StorageError subclass; `status_for` maps them, and nothing else reaches the client as UNKNOWN.
-
-    status               when
-    INVALID_ARGUMENT     undecodable request, bad name / count / config, corrupt batch
-    NOT_FOUND            unknown topic or partition
-    ALREADY_EXISTS       creating a topic that exists
-    OUT_OF_RANGE         an offset outside [log start offset, log end offset]
-    RESOURCE_EXHAUSTED   batch or request over a limit, disk full, too many streams
-    UNAVAILABLE          the broker is shutting down
-    INTERNAL             a corrupt log or an unexpected failure (logged with its traceback)
+Errors map to statuses in one place (_rpc.py, with the table); `build_server` wires every
+service, health and reflection.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from storage import (
-    CorruptBatchError,
-    DiskFullError,
-    InvalidConfigError,
-    InvalidNameError,
-    LimitExceededError,
-    LogClosedError,
     NewRecord,
-    OffsetOutOfRangeError,
     StorageError,
-    TopicExistsError,
-    UnknownTopicError,
 )
 
 from ._broker import (
@@ -47,10 +26,20 @@ from ._broker import (
     InvalidRequestError,
     OffsetQuery,
     ProduceResult,
-    ShuttingDownError,
     StartSpec,
 )
+from ._group_service import GROUPS_SERVICE, groups_handlers
+from ._groups import GroupManager
 from ._pb import admin_pb2, broker_pb2, types_pb2
+from ._rpc import (
+    guarded,
+    guarded_stream,
+    method_handlers,
+    parse,
+    partition_error,
+    status_for,
+)
+from .groups._coordinator import TopicPartition
 
 log = logging.getLogger("riverlog.server")
 
@@ -64,88 +53,12 @@ WORKERS_DEFAULT = 64
 # RPCs in progress beyond which grpcio answers RESOURCE_EXHAUSTED rather than queueing.
 CONCURRENT_RPCS_MAX = 256
 
-_STATUS: list[tuple[type[StorageError], grpc.StatusCode]] = [
-    (UnknownTopicError, grpc.StatusCode.NOT_FOUND),
-    (TopicExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (OffsetOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
-    (CorruptBatchError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidNameError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidConfigError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
-    (LogClosedError, grpc.StatusCode.UNAVAILABLE),
-]
-
-
-def status_for(error: StorageError) -> grpc.StatusCode:
-    for kind, code in _STATUS:
-        if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def _partition_error(error: StorageError | None) -> types_pb2.PartitionError | None:
-    if error is None:
-        return None
-    return types_pb2.PartitionError(code=status_for(error).value[0], message=str(error))
-
-
-def _abort(context: grpc.ServicerContext, error: StorageError) -> NoReturn:
-    code = status_for(error)
-    if code == grpc.StatusCode.INTERNAL:
-        log.error("internal error: %s", error, exc_info=error)
-    context.abort(code, str(error))
-
-
-M = TypeVar("M", bound=Message)
-
-
-def _parse(kind: type[M], raw: bytes, context: grpc.ServicerContext) -> M:
-    try:
-        return kind.FromString(raw)
-    except DecodeError as e:
-        raise InvalidRequestError(f"undecodable {kind.__name__}: {e}") from None
-
-
-Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
-
-
-def _guarded(fn: Handler) -> Handler:
-    """Map broker errors to statuses; anything unexpected is INTERNAL, never UNKNOWN."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, raw: bytes, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, raw, context)
-        except StorageError as e:
-            _abort(context, e)
-        except Exception as e:
-            log.exception("unexpected failure in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-
-    return wrapper
-
-
-def _guarded_stream(fn: Handler) -> Handler:
-    @functools.wraps(fn)
-    def wrapper(self: Any, raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from fn(self, raw, context)
-        except StorageError as e:
-            _abort(context, e)
-        except Exception as e:
-            log.exception("unexpected failure in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-
-    return wrapper
-
 
 # ---------------------------------------------------------------------------- Broker
 class BrokerService:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, groups: GroupManager | None = None) -> None:
         self.broker = broker
+        self.groups = groups
 
     def _produce(self, request: broker_pb2.ProduceRequest) -> broker_pb2.ProduceResponse:
         durable = request.acks == broker_pb2.ACKS_ALL
@@ -199,25 +112,25 @@ class BrokerService:
                     base_offset=-1 if r.result is None or no_offsets else r.result.base_offset,
                     last_offset=-1 if r.result is None or no_offsets else r.result.last_offset,
                     log_append_time_ms=0 if r.result is None else r.result.log_append_time_ms,
-                    error=_partition_error(r.error),
+                    error=partition_error(r.error),
                 )
                 for r in results
             ],
         )
 
-    @_guarded
+    @guarded
     def Produce(self, raw: bytes, context: grpc.ServicerContext) -> broker_pb2.ProduceResponse:
-        request = _parse(broker_pb2.ProduceRequest, raw, context)
+        request = parse(broker_pb2.ProduceRequest, raw, context)
         if not request.partitions:
             raise InvalidRequestError("produce request names no partitions")
         return self._produce(request)
 
-    @_guarded_stream
+    @guarded_stream
     def ProduceStream(
         self, raws: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.ProduceResponse]:
         for raw in raws:
-            request = _parse(broker_pb2.ProduceRequest, raw, context)
+            request = parse(broker_pb2.ProduceRequest, raw, context)
             try:
                 if not request.partitions:
                     raise InvalidRequestError("produce request names no partitions")
@@ -232,20 +145,30 @@ class BrokerService:
                             partition=entry.partition,
                             base_offset=-1,
                             last_offset=-1,
-                            error=_partition_error(e),
+                            error=partition_error(e),
                         )
                         for entry in request.partitions
                     ]
-                    or [broker_pb2.PartitionProduceResult(error=_partition_error(e))],
+                    or [broker_pb2.PartitionProduceResult(error=partition_error(e))],
                 )
             if request.acks != broker_pb2.ACKS_NONE:
                 yield response
 
-    @_guarded
+    @guarded
     def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> broker_pb2.FetchResponse:
-        request = _parse(broker_pb2.FetchRequest, raw, context)
+        request = parse(broker_pb2.FetchRequest, raw, context)
         if not request.partitions:
             raise InvalidRequestError("fetch request names no partitions")
+        if request.HasField("member"):
+            if self.groups is None:
+                raise InvalidRequestError("this server has no consumer groups")
+            m = request.member
+            self.groups.check_fetch(
+                m.group_id,
+                m.member_id,
+                m.member_epoch,
+                [TopicPartition(p.topic, p.partition) for p in request.partitions],
+            )
         results = self.broker.fetch(
             [FetchQuery(p.topic, p.partition, p.offset, p.max_bytes) for p in request.partitions],
             max_wait_ms=request.max_wait_ms,
@@ -272,11 +195,11 @@ class BrokerService:
                 item.error.message = str(r.error)
         return response
 
-    @_guarded_stream
+    @guarded_stream
     def Subscribe(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.SubscribeResponse]:
-        request = _parse(broker_pb2.SubscribeRequest, raw, context)
+        request = parse(broker_pb2.SubscribeRequest, raw, context)
         start = _start_spec(request.start)
         stop = request.WhichOneof("stop")
         chunks = self.broker.subscribe(
@@ -298,11 +221,11 @@ class BrokerService:
                 log_start_offset=chunk.log_start_offset,
             )
 
-    @_guarded
+    @guarded
     def ListOffsets(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> broker_pb2.ListOffsetsResponse:
-        request = _parse(broker_pb2.ListOffsetsRequest, raw, context)
+        request = parse(broker_pb2.ListOffsetsRequest, raw, context)
         queries: list[OffsetQuery] = []
         for q in request.queries:
             spec = q.WhichOneof("spec")
@@ -365,23 +288,23 @@ class AdminService:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    @_guarded
+    @guarded
     def CreateTopic(self, raw: bytes, context: grpc.ServicerContext) -> admin_pb2.TopicDescription:
-        request = _parse(admin_pb2.CreateTopicRequest, raw, context)
+        request = parse(admin_pb2.CreateTopicRequest, raw, context)
         info = self.broker.create_topic(request.name, request.partitions, dict(request.config))
         return _describe(info)
 
-    @_guarded
+    @guarded
     def DeleteTopic(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> admin_pb2.DeleteTopicResponse:
-        request = _parse(admin_pb2.DeleteTopicRequest, raw, context)
+        request = parse(admin_pb2.DeleteTopicRequest, raw, context)
         self.broker.delete_topic(request.name)
         return admin_pb2.DeleteTopicResponse()
 
-    @_guarded
+    @guarded
     def ListTopics(self, raw: bytes, context: grpc.ServicerContext) -> admin_pb2.ListTopicsResponse:
-        _parse(admin_pb2.ListTopicsRequest, raw, context)
+        parse(admin_pb2.ListTopicsRequest, raw, context)
         return admin_pb2.ListTopicsResponse(
             topics=[
                 admin_pb2.ListTopicsResponse.Topic(name=name, partitions=count)
@@ -389,18 +312,18 @@ class AdminService:
             ]
         )
 
-    @_guarded
+    @guarded
     def DescribeTopic(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> admin_pb2.TopicDescription:
-        request = _parse(admin_pb2.DescribeTopicRequest, raw, context)
+        request = parse(admin_pb2.DescribeTopicRequest, raw, context)
         return _describe(self.broker.describe_topic(request.name))
 
-    @_guarded
+    @guarded
     def AddPartitions(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> admin_pb2.TopicDescription:
-        request = _parse(admin_pb2.AddPartitionsRequest, raw, context)
+        request = parse(admin_pb2.AddPartitionsRequest, raw, context)
         return _describe(self.broker.add_partitions(request.name, request.partitions))
 
 
@@ -423,24 +346,15 @@ def _describe(info: Any) -> admin_pb2.TopicDescription:
 
 
 # ---------------------------------------------------------------------------- wiring
-def _handlers(service: str, impl: Any, kinds: dict[str, tuple[str, Any]]) -> grpc.GenericRpcHandler:
-    table: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for name, (kind, response) in kinds.items():
-        fn = getattr(impl, name)
-        serialize = response.SerializeToString
-        if kind == "unary":
-            table[name] = grpc.unary_unary_rpc_method_handler(fn, response_serializer=serialize)
-        elif kind == "server_stream":
-            table[name] = grpc.unary_stream_rpc_method_handler(fn, response_serializer=serialize)
-        else:
-            table[name] = grpc.stream_stream_rpc_method_handler(fn, response_serializer=serialize)
-    return grpc.method_handlers_generic_handler(service, table)
-
-
 def build_server(
-    broker: Broker, *, workers: int = WORKERS_DEFAULT, concurrent_rpcs: int = CONCURRENT_RPCS_MAX
+    broker: Broker,
+    groups: GroupManager | None = None,
+    *,
+    workers: int = WORKERS_DEFAULT,
+    concurrent_rpcs: int = CONCURRENT_RPCS_MAX,
 ) -> grpc.Server:
-    """A grpc server with the Broker and Admin services, health and reflection (not started)."""
+    """A grpc server with the Broker, Admin and (given a GroupManager) Groups services,
+    health and reflection (not started)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="riverlog-rpc"),
         maximum_concurrent_rpcs=concurrent_rpcs,
@@ -450,10 +364,10 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    b = BrokerService(broker)
+    b = BrokerService(broker, groups)
     server.add_generic_rpc_handlers(
         (
-            _handlers(
+            method_handlers(
                 BROKER_SERVICE,
                 b,
                 {
@@ -464,7 +378,7 @@ def build_server(
                     "ListOffsets": ("unary", broker_pb2.ListOffsetsResponse),
                 },
             ),
-            _handlers(
+            method_handlers(
                 ADMIN_SERVICE,
                 AdminService(broker),
                 {
@@ -477,14 +391,17 @@ def build_server(
             ),
         )
     )
+    services = [BROKER_SERVICE, ADMIN_SERVICE]
+    if groups is not None:
+        server.add_generic_rpc_handlers((groups_handlers(groups),))
+        services.append(GROUPS_SERVICE)
     health_servicer = health.HealthServicer()
-    for name in ("", BROKER_SERVICE, ADMIN_SERVICE):
+    for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
-            BROKER_SERVICE,
-            ADMIN_SERVICE,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
