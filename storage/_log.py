@@ -395,15 +395,16 @@ class PartitionLog:
 
         Raises OffsetOutOfRangeError outside [log start offset, log end offset].
         """
-        return self.read_batches(offset, max_bytes)[0]
+        return bytes(self.read_batches(offset, max_bytes)[0])
 
     def read_batches(
         self, offset: int, max_bytes: int, stop_offset: int | None = None
-    ) -> tuple[bytes, int]:
+    ) -> tuple[bytes | memoryview, int]:
         """`read`, plus the offset after the last returned batch (`offset` when empty).
 
         Batches that start at or after `stop_offset` are left out, except the first.
         One read never crosses a segment boundary: call again from the returned offset.
+        The bytes may come as a read-only view of a buffer no one else holds (no copy).
         """
         if max_bytes < 1:
             raise LimitExceededError(f"max_bytes must be at least 1, got {max_bytes}")

@@ -340,7 +340,7 @@ class Segment:
     # ------------------------------------------------------------------ reading
     def read(
         self, offset: int, max_bytes: int, stop_offset: int | None = None
-    ) -> tuple[bytes, int]:
+    ) -> tuple[bytes | memoryview, int]:
         """Whole batches from the one holding `offset`, up to `max_bytes` (at least one), and
         the offset after the last of them. Batches starting at or after `stop_offset` are left
         out (the first batch is always returned)."""
@@ -382,7 +382,8 @@ class Segment:
         if chunk_at <= start and stop - chunk_at <= len(chunk):
             if start == chunk_at and stop - start == len(chunk):
                 return chunk, next_offset
-            return chunk[start - chunk_at : stop - chunk_at], next_offset
+            # A view, not a slice: a 1 MiB fetch would otherwise copy its bytes once more.
+            return memoryview(chunk)[start - chunk_at : stop - chunk_at], next_offset
         return os.pread(self.fd, stop - start, start), next_offset
 
     @staticmethod

@@ -132,7 +132,7 @@ class FetchQuery:
 class FetchResult:
     topic: str
     partition: int
-    data: bytes = b""
+    data: bytes | memoryview = b""
     next_offset: int = -1
     high_watermark: int = -1
     log_start_offset: int = -1
@@ -164,7 +164,7 @@ StartSpec = tuple[Literal["earliest", "latest", "offset", "timestamp"], int]
 class SubscribeChunk:
     topic: str
     partition: int
-    data: bytes
+    data: bytes | memoryview
     next_offset: int
     high_watermark: int
     log_start_offset: int

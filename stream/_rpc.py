@@ -157,7 +157,8 @@ def method_handlers(
     table: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for name, (kind, response) in kinds.items():
         fn = getattr(impl, name)
-        serialize = response.SerializeToString
+        # None: the handler returns its answer already encoded (see encode_with_bytes).
+        serialize = None if response is None else response.SerializeToString
         if kind == "unary":
             table[name] = grpc.unary_unary_rpc_method_handler(fn, response_serializer=serialize)
         elif kind == "server_stream":
@@ -165,3 +166,33 @@ def method_handlers(
         else:
             table[name] = grpc.stream_stream_rpc_method_handler(fn, response_serializer=serialize)
     return grpc.method_handlers_generic_handler(service, table)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_with_bytes(
+    fields: Message, field_number: int, data: bytes | memoryview
+) -> list[bytes | memoryview]:
+    """Protobuf wire pieces of `fields` plus a bytes field `field_number` holding `data`.
+
+    The record batches of a fetch or subscribe answer are spliced in by reference: building
+    the message with them and serializing it would copy each batch twice more. Protobuf
+    accepts fields in any order, so the result parses as the whole message.
+    """
+    pieces: list[bytes | memoryview] = [fields.SerializeToString()]
+    if len(data):
+        pieces += [_varint(field_number << 3 | 2), _varint(len(data)), data]
+    return pieces
+
+
+def nest(field_number: int, pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """`pieces` (one encoded message) as a length-delimited field of an outer message."""
+    size = sum(len(p) for p in pieces)
+    return [_varint(field_number << 3 | 2), _varint(size), *pieces]

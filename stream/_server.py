@@ -32,9 +32,11 @@ from ._group_service import GROUPS_SERVICE, groups_handlers
 from ._groups import GroupManager
 from ._pb import admin_pb2, broker_pb2, types_pb2
 from ._rpc import (
+    encode_with_bytes,
     guarded,
     guarded_stream,
     method_handlers,
+    nest,
     parse,
     partition_error,
     status_for,
@@ -48,6 +50,10 @@ ADMIN_SERVICE = "riverlog.v1.Admin"
 MiB = 1024 * 1024
 # Largest request or response message: the largest batch (64 MiB) plus framing.
 MESSAGE_BYTES_MAX = 65 * MiB
+# Field numbers of the hand-encoded answers (proto/riverlog/v1/broker.proto).
+FETCH_RESULTS_FIELD = broker_pb2.FetchResponse.RESULTS_FIELD_NUMBER
+BATCHES_FIELD = broker_pb2.FetchPartitionResult.RECORD_BATCHES_FIELD_NUMBER
+SUBSCRIBE_BATCHES_FIELD = broker_pb2.SubscribeResponse.RECORD_BATCHES_FIELD_NUMBER
 # Worker threads: each long-poll fetch and each subscribe stream holds one while it waits.
 WORKERS_DEFAULT = 64
 # RPCs in progress beyond which grpcio answers RESOURCE_EXHAUSTED rather than queueing.
@@ -155,7 +161,7 @@ class BrokerService:
                 yield response
 
     @guarded
-    def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> broker_pb2.FetchResponse:
+    def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = parse(broker_pb2.FetchRequest, raw, context)
         if not request.partitions:
             raise InvalidRequestError("fetch request names no partitions")
@@ -179,26 +185,21 @@ class BrokerService:
         errors = [r.error for r in results if r.error is not None]
         if len(errors) == len(results):
             raise errors[0]
-        # `add` builds each result in place: constructing them first and passing the list
-        # copies every batch once more (measured: 346 us per MiB against 186 us).
-        response = broker_pb2.FetchResponse()
+        # A FetchResponse, encoded by hand around the batches: one copy of them in all.
+        pieces: list[bytes | memoryview] = []
         for r in results:
-            item = response.results.add(
+            meta = broker_pb2.FetchPartitionResult(
                 topic=r.topic,
                 partition=r.partition,
-                record_batches=r.data,
                 high_watermark=r.high_watermark,
                 log_start_offset=r.log_start_offset,
+                error=partition_error(r.error),
             )
-            if r.error is not None:
-                item.error.code = status_for(r.error).value[0]
-                item.error.message = str(r.error)
-        return response
+            pieces += nest(FETCH_RESULTS_FIELD, encode_with_bytes(meta, BATCHES_FIELD, r.data))
+        return b"".join(pieces)
 
     @guarded_stream
-    def Subscribe(
-        self, raw: bytes, context: grpc.ServicerContext
-    ) -> Iterator[broker_pb2.SubscribeResponse]:
+    def Subscribe(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         request = parse(broker_pb2.SubscribeRequest, raw, context)
         start = _start_spec(request.start)
         stop = request.WhichOneof("stop")
@@ -212,14 +213,14 @@ class BrokerService:
             is_active=context.is_active,
         )
         for chunk in chunks:
-            yield broker_pb2.SubscribeResponse(
+            meta = broker_pb2.SubscribeResponse(
                 topic=chunk.topic,
                 partition=chunk.partition,
-                record_batches=chunk.data,
                 next_offset=chunk.next_offset,
                 high_watermark=chunk.high_watermark,
                 log_start_offset=chunk.log_start_offset,
             )
+            yield b"".join(encode_with_bytes(meta, SUBSCRIBE_BATCHES_FIELD, chunk.data))
 
     @guarded
     def ListOffsets(
@@ -373,8 +374,8 @@ def build_server(
                 {
                     "Produce": ("unary", broker_pb2.ProduceResponse),
                     "ProduceStream": ("stream", broker_pb2.ProduceResponse),
-                    "Fetch": ("unary", broker_pb2.FetchResponse),
-                    "Subscribe": ("server_stream", broker_pb2.SubscribeResponse),
+                    "Fetch": ("unary", None),  # encoded by the handler
+                    "Subscribe": ("server_stream", None),  # encoded by the handler
                     "ListOffsets": ("unary", broker_pb2.ListOffsetsResponse),
                 },
             ),

@@ -27,7 +27,7 @@ from storage import (
     encode_batch,
 )
 
-from ._serve import RunningBroker, load_config
+from ._serve import RunningBroker, load_config, tune_allocator
 
 DEFAULT_DATA_DIR = "riverlog-data"
 # Flags that set broker-wide log defaults (LogConfig fields), as (flag, field).
@@ -101,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         },
         {field: getattr(args, field) for _flag, field in _LOG_FLAGS},
     )
+    tune_allocator()
     running = RunningBroker(config)
     stop = threading.Event()
 
