@@ -84,7 +84,7 @@ def batch(*values: bytes, ts: int = T0_MS, key: bytes | None = None) -> bytes:
     return encode_batch([NewRecord(key, v, ts + i) for i, v in enumerate(values)])
 
 
-def records_of(data: bytes, from_offset: int = 0) -> list[Record]:
+def records_of(data: bytes | memoryview, from_offset: int = 0) -> list[Record]:
     """Decoded records at or after `from_offset` (a read starts with the batch holding it)."""
     return [r for r in decode_records(data) if r.offset >= from_offset]
 
