@@ -28,6 +28,7 @@ from .groups._coordinator import (
     Subscription,
     TopicPartition,
     UnknownGroupError,
+    check_group_id,
 )
 from .groups._offsets import CommittedOffset, OffsetStore
 
@@ -148,6 +149,7 @@ class GroupManager:
         offsets: Sequence[tuple[str, int, int, str]],
     ) -> None:
         """Store (topic, partition, next offset, metadata) durably for the group."""
+        check_group_id(group_id)  # as for joining: no offsets for a group nobody can join
         if not offsets:
             raise InvalidConfigError("a commit names at least one partition")
         if len(offsets) > OFFSETS_PER_COMMIT_MAX:
@@ -262,6 +264,7 @@ class GroupManager:
         *,
         dry_run: bool,
     ) -> list[OffsetChange]:
+        check_group_id(group_id)
         count = self._broker.partition_count(topic)
         chosen = list(partitions) or list(range(count))
         for p in chosen:

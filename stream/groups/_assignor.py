@@ -6,11 +6,13 @@ ceil(n/m) of the n partitions (balanced within one), and a partition moves only 
 balance requires it (sticky): a member joining takes partitions only from members over the
 new quota, a member leaving hands its own partitions to the least loaded. With different
 subscriptions a partition only goes to a member subscribed to its topic, and members are
-evened out as far as their subscriptions allow.
+evened out as far as their subscriptions allow. Either way `assign` returns its own answer
+unchanged when given it as the current ownership: recomputing moves nothing.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -20,7 +22,8 @@ class TopicPartition(NamedTuple):
     partition: int
 
 
-# Bound on the evening-out passes for mixed subscriptions (each pass moves one partition).
+# Bound on the evening-out shifts for mixed subscriptions (each hands one partition along a
+# chain of members; the chain's ends change load by one).
 _BALANCE_MOVES_MAX = 100_000
 
 
@@ -52,10 +55,14 @@ def assign(
     if not every:
         return {m: frozenset() for m in members}
 
-    # Quotas for the common case (all members subscribed alike); members with narrower
-    # subscriptions simply end lower and the evening-out below handles the rest.
+    # Quotas for the common case (all members can take the same partitions): keeping up to
+    # them moves the fewest partitions. Otherwise a member may rightly hold more than the
+    # ceil (it alone takes some topic) or less than the floor, so quotas would move
+    # partitions that balance does not require (and churn on every recomputation): all
+    # that is valid is kept and the evening-out below moves only what balance requires.
     n, m = len(every), len(members)
     low, extra = divmod(n, m)
+    alike = len({subscriptions[x].intersection(eligible) for x in members}) == 1
 
     # 1. Keep what members own, if still valid, up to the quota (ceil for the first `extra`).
     taken: set[TopicPartition] = set()
@@ -70,7 +77,9 @@ def assign(
             and tp.partition < partition_counts[tp.topic]
         )
         quota = low
-        if ceil_left > 0 and len(keep) > low:
+        if not alike:
+            quota = len(keep)
+        elif ceil_left > 0 and len(keep) > low:
             quota = low + 1
             ceil_left -= 1
         for tp in keep[:quota]:
@@ -86,24 +95,60 @@ def assign(
         result[owner].add(tp)
         taken.add(tp)
 
-    # 3. Even out (mixed subscriptions): move one partition at a time from a member with
-    #    two or more above another eligible member.
+    # 3. Even out (mixed subscriptions): while a member holds two or more partitions more
+    #    than one it can reach, shift a partition along the chain between them (each member
+    #    on it takes, from the one before, a partition of a topic it subscribes to; only the
+    #    two ends change load). Direct moves are not enough: a{x} 3, b{x,y} 2, c{y} 1 evens
+    #    out to 2, 2, 2 only by a -> b (an x) and b -> c (a y). With no such chain left, no
+    #    reassignment lowers the largest load or raises the smallest (the optimality
+    #    condition in Harvey et al., "Semi-matchings for bipartite graphs and load
+    #    balancing"). Each shift lowers the sum of squared loads, so this ends.
     for _ in range(_BALANCE_MOVES_MAX):
-        moved = False
-        by_load = sorted(members, key=lambda x: (len(result[x]), x))
-        for poor in by_load:
-            for rich in reversed(by_load):
-                if len(result[rich]) - len(result[poor]) < 2:
-                    break
-                movable = sorted(tp for tp in result[rich] if tp.topic in subscriptions[poor])
-                if movable:
-                    tp = movable[-1]
-                    result[rich].discard(tp)
-                    result[poor].add(tp)
-                    moved = True
-                    break
-            if moved:
-                break
-        if not moved:
+        chain = _shift_chain(members, subscriptions, result)
+        if chain is None:
             break
+        for giver, taker, topic in chain:
+            tp = max(tp for tp in result[giver] if tp.topic == topic)
+            result[giver].discard(tp)
+            result[taker].add(tp)
     return {member: frozenset(parts) for member, parts in result.items()}
+
+
+def _shift_chain(
+    members: list[str],
+    subscriptions: Mapping[str, frozenset[str]],
+    result: Mapping[str, set[TopicPartition]],
+) -> list[tuple[str, str, str]] | None:
+    """A chain along which a partition can shift to a member from one holding two or more
+    partitions more: (giver, taker, topic) steps, poorest end first; None if there is none."""
+    load = {m: len(result[m]) for m in members}
+    most = max(load.values())
+    holders: dict[str, list[str]] = {}
+    for m in members:
+        for topic in sorted({tp.topic for tp in result[m]}):
+            holders.setdefault(topic, []).append(m)
+    for poor in sorted(members, key=lambda x: (load[x], x)):
+        if most - load[poor] < 2:
+            return None
+        # Breadth first from `poor` towards members that could give it (or its givers) one.
+        taker_of: dict[str, tuple[str, str]] = {}  # giver -> (taker, topic)
+        expanded: set[str] = set()
+        queue = deque([poor])
+        while queue:
+            taker = queue.popleft()
+            for topic in sorted(subscriptions[taker] - expanded):
+                expanded.add(topic)
+                for giver in holders.get(topic, ()):
+                    if giver == poor or giver in taker_of:
+                        continue
+                    taker_of[giver] = (taker, topic)
+                    if load[giver] - load[poor] >= 2:
+                        chain = []
+                        node = giver
+                        while node != poor:
+                            next_node, via = taker_of[node]
+                            chain.append((node, next_node, via))
+                            node = next_node
+                        return chain[::-1]
+                    queue.append(giver)
+    return None

@@ -18,9 +18,11 @@ KIP-848 consumer groups:
   anything else is refused (FencedMemberError / NotOwnedError), so a member that lost its
   partitions cannot commit over the new owner.
 - Liveness is heartbeats only: a member whose heartbeats stop for `session_timeout_ms` is
-  removed; one asked to give partitions back that does not within `rebalance_timeout_ms` is
-  removed too. How long a member's handler takes is not the coordinator's business (the
-  client enforces its own max poll interval by leaving the group).
+  removed; one asked to give partitions back that gives none back for `rebalance_timeout_ms`
+  is removed too (giving any back restarts that deadline: a member whose share keeps
+  shrinking as others join is slow to finish, not stuck). How long a member's handler takes
+  is not the coordinator's business (the client enforces its own max poll interval by
+  leaving the group).
 - Static membership: a member with an `instance_id` that rejoins (a restarted process)
   takes the place of its previous incarnation, keeping its partitions, with no rebalance,
   as long as it comes back within the session timeout.
@@ -110,7 +112,8 @@ class Member:
     epoch: int = 0
     # What the member may work now (its reconciled assignment); never shared.
     assigned: frozenset[TopicPartition] = frozenset()
-    # When it was first asked to give partitions back (None: nothing pending).
+    # Since when it has been asked to give partitions back without giving any (None: nothing
+    # pending).
     revoking_since_ms: int | None = None
 
 
@@ -182,7 +185,7 @@ class GroupCoordinator:
         `subscription` is required to join and may change later (None: unchanged). `owned`
         is what the member works right now (None: not reported, nothing is released).
         """
-        _check_group_id(group_id)
+        check_group_id(group_id)
         existing = self.groups.get(group_id)
         if existing is not None:
             self._expire_group(existing, now_ms)
@@ -298,6 +301,10 @@ class GroupCoordinator:
             )
         self._remove(group, member_id)
         self._retarget(group)
+        if not group.members:
+            # As after an expiry: a group without members is forgotten at once, so describe
+            # and list show only its committed offsets (and nothing once those are deleted).
+            del self.groups[group_id]
 
     def expire(self, now_ms: int) -> list[tuple[str, str]]:
         """Remove members whose session or revocation deadline passed; (group, member) each."""
@@ -351,6 +358,8 @@ class GroupCoordinator:
         if released:
             member.assigned = member.assigned - released
             member.epoch = self._next_epoch(group)
+            # Progress: the rebalance deadline restarts for what it still has to give back.
+            member.revoking_since_ms = None
 
     def _reconcile(self, group: Group, member: Member, now_ms: int) -> None:
         """Move the heartbeating member towards its target as far as hand-over order allows.
@@ -441,7 +450,7 @@ class GroupCoordinator:
         return group is not None and bool(group.members)
 
 
-def _check_group_id(group_id: str) -> None:
+def check_group_id(group_id: str) -> None:
     if not GROUP_ID_PATTERN.fullmatch(group_id):
         raise InvalidConfigError(f"group id {group_id[:60]!r} must match [A-Za-z0-9._-]{{1,249}}")
 
@@ -478,4 +487,5 @@ __all__ = [
     "TopicPartition",
     "UnknownGroupError",
     "UnknownMemberError",
+    "check_group_id",
 ]
