@@ -437,8 +437,8 @@ class PartitionLog:
             cfg = self.config
             deleted = 0
             total = sum(seg.size for seg in self._segments)
-            while len(self._segments) > 1:
-                oldest = self._segments[0]
+            while len(self._segments) - deleted > 1:
+                oldest = self._segments[deleted]
                 over_size = (
                     cfg.retention_bytes is not None and total - oldest.size >= cfg.retention_bytes
                 )
@@ -450,18 +450,8 @@ class PartitionLog:
                 if not (over_size or expired):
                     break
                 total -= oldest.size
-                self._segments.pop(0)
-                self._bases.pop(0)
-                oldest.delete()
                 deleted += 1
-            if deleted:
-                fsync_dir(self.directory)
-                log.info(
-                    "retention deleted %d segment(s) of %s; log start offset now %d",
-                    deleted,
-                    self.directory,
-                    self.log_start_offset,
-                )
+            self._drop_oldest_locked(deleted, "retention")
             return deleted
 
     def delete_before(self, offset: int) -> int:
@@ -474,21 +464,30 @@ class PartitionLog:
             self._check_open()
             self._join_flusher()  # never delete a segment whose fsync is in flight
             deleted = 0
-            while len(self._segments) > 1 and self._segments[1].base_offset <= offset:
-                oldest = self._segments.pop(0)
-                self._bases.pop(0)
-                oldest.delete()
+            while (
+                len(self._segments) - deleted > 1
+                and self._segments[deleted + 1].base_offset <= offset
+            ):
                 deleted += 1
-            if deleted:
-                fsync_dir(self.directory)
-                log.info(
-                    "deleted %d segment(s) of %s below offset %d; log start offset now %d",
-                    deleted,
-                    self.directory,
-                    offset,
-                    self.log_start_offset,
-                )
+            self._drop_oldest_locked(deleted, f"below offset {offset}")
             return deleted
+
+    def _drop_oldest_locked(self, count: int, why: str) -> None:
+        """Delete the `count` oldest segments (never the active one), then fsync the dir."""
+        assert count < len(self._segments)
+        if count == 0:
+            return
+        for _ in range(count):
+            self._bases.pop(0)
+            self._segments.pop(0).delete()
+        fsync_dir(self.directory)
+        log.info(
+            "deleted %d segment(s) of %s (%s); log start offset now %d",
+            count,
+            self.directory,
+            why,
+            self.log_start_offset,
+        )
 
     # ------------------------------------------------------------------ durability
     def flush(self, now_ms: int | None = None) -> None:
