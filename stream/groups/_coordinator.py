@@ -110,6 +110,8 @@ class Member:
     rebalance_timeout_ms: int
     last_heartbeat_ms: int
     epoch: int = 0
+    # The epoch before the last change, accepted once more on a heartbeat (lost answers).
+    previous_epoch: int = -1
     # What the member may work now (its reconciled assignment); never shared.
     assigned: frozenset[TopicPartition] = frozenset()
     # Since when it has been asked to give partitions back without giving any (None: nothing
@@ -202,7 +204,14 @@ class GroupCoordinator:
         else:
             group = self._group(group_id)
             member = self._member(group, member_id)
-            if member_epoch != member.epoch:
+            # The epoch before the last answer is accepted too, when the member claims no
+            # more than it was given: that answer may have been lost on the way.
+            lost_answer = (
+                member_epoch == member.previous_epoch
+                and owned is not None
+                and frozenset(owned) <= member.assigned
+            )
+            if member_epoch != member.epoch and not lost_answer:
                 raise FencedMemberError(
                     f"member {member_id} sent epoch {member_epoch}, its epoch is {member.epoch}"
                 )
@@ -211,9 +220,12 @@ class GroupCoordinator:
                 _check_subscription(subscription)
                 member.subscription = subscription
                 self._retarget(group)
+        epoch_before = member.epoch
         if owned is not None:
             self._release(group, member, frozenset(owned))
         self._reconcile(group, member, now_ms)
+        if member.epoch != epoch_before:
+            member.previous_epoch = epoch_before
         target = group.target.get(member.member_id, frozenset())
         interval_ms = min(
             HEARTBEAT_INTERVAL_MS_MAX, member.session_timeout_ms // HEARTBEAT_FRACTION
