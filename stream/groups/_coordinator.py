@@ -56,7 +56,10 @@ REBALANCE_TIMEOUT_MS_MAX = 600_000
 HEARTBEAT_FRACTION = 3
 HEARTBEAT_INTERVAL_MS_MAX = 5_000
 # While a member's assignment differs from its target (a hand-over in progress), it is asked
-# to heartbeat this often, so a rebalance takes a few of these rather than a few intervals.
+# to heartbeat this often. A member hears of a change at its next regular heartbeat (up to
+# HEARTBEAT_INTERVAL_MS_MAX later, as in Kafka), then the hand-over takes a few of these:
+# measured (bench/groups_bench.py) join p50 3.0 s / p99 4.9 s with 45 s sessions, 0.41 s /
+# 0.51 s with 1 s sessions, of which ~150 ms is the hand-over itself.
 RECONCILE_HEARTBEAT_INTERVAL_MS = 100
 # A subscription names at most this many topics, or one pattern of at most this length.
 SUBSCRIBED_TOPICS_MAX = 10_000
