@@ -135,10 +135,12 @@ class GroupManager:
 
     def check_fetch(
         self, group_id: str, member_id: str, member_epoch: int, partitions: Iterable[TopicPartition]
-    ) -> None:
-        """A group-scoped fetch: refused unless this member, at this epoch, owns them all."""
+    ) -> bool:
+        """A group-scoped fetch: refused unless this member, at this epoch, owns them all.
+        True when the member should heartbeat now (its assignment is about to change)."""
         with self._lock:
             self.coordinator.check_owner(group_id, member_id, member_epoch, partitions)
+            return self.coordinator.needs_heartbeat(group_id, member_id)
 
     # ------------------------------------------------------------------ offsets
     def commit(

@@ -165,11 +165,12 @@ class BrokerService:
         request = parse(broker_pb2.FetchRequest, raw, context)
         if not request.partitions:
             raise InvalidRequestError("fetch request names no partitions")
+        heartbeat_now = False
         if request.HasField("member"):
             if self.groups is None:
                 raise InvalidRequestError("this server has no consumer groups")
             m = request.member
-            self.groups.check_fetch(
+            heartbeat_now = self.groups.check_fetch(
                 m.group_id,
                 m.member_id,
                 m.member_epoch,
@@ -196,6 +197,8 @@ class BrokerService:
                 error=partition_error(r.error),
             )
             pieces += nest(FETCH_RESULTS_FIELD, encode_with_bytes(meta, BATCHES_FIELD, r.data))
+        if heartbeat_now:
+            pieces.append(broker_pb2.FetchResponse(heartbeat_now=True).SerializeToString())
         return b"".join(pieces)
 
     @guarded_stream

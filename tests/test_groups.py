@@ -898,3 +898,22 @@ def test_fuzz_group_requests_get_client_errors_only(
     # The broker still answers describes of whatever the calls created.
     for g in groups.ListGroups(groups_pb2.ListGroupsRequest(), timeout=WAIT_S).groups:
         describe(groups, g.group_id)
+
+
+def test_group_fetch_answers_say_when_to_heartbeat(
+    admin: admin_pb2_grpc.AdminStub, groups: groups_pb2_grpc.GroupsStub, channel: grpc.Channel
+) -> None:
+    """A stable member learns of a join from its next group-scoped fetch, not from a
+    heartbeat up to 5 s away; once it has heartbeated its way to the new target, the flag
+    clears."""
+    stub = broker_pb2_grpc.BrokerStub(channel)
+    create(admin, "orders", 4)
+    a = Member(groups, "g", ("orders",))
+    a.heartbeat()
+    assert not fetch_as(stub, a.as_member(), sorted(a.owned)).heartbeat_now
+    b = Member(groups, "g", ("orders",))
+    b.heartbeat()
+    assert fetch_as(stub, a.as_member(), sorted(a.owned)).heartbeat_now
+    converge([a, b], every("orders", 4))
+    assert not fetch_as(stub, a.as_member(), sorted(a.owned)).heartbeat_now
+    assert not fetch_as(stub, b.as_member(), sorted(b.owned)).heartbeat_now

@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from stream._pb import types_pb2 as riverlog_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18riverlog/v1/broker.proto\x12\x0briverlog.v1\x1a\x17riverlog/v1/types.proto\"\x83\x01\n\x10PartitionProduce\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x16\n\tpartition\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0crecord_batch\x18\x03 \x01(\x0c\x12$\n\x07records\x18\x04 \x03(\x0b\x32\x13.riverlog.v1.RecordB\x0c\n\n_partition\"|\n\x0eProduceRequest\x12\x31\n\npartitions\x18\x01 \x03(\x0b\x32\x1d.riverlog.v1.PartitionProduce\x12\x1f\n\x04\x61\x63ks\x18\x02 \x01(\x0e\x32\x11.riverlog.v1.Acks\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\x04\"\xac\x01\n\x16PartitionProduceResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x0b\x62\x61se_offset\x18\x03 \x01(\x03\x12\x13\n\x0blast_offset\x18\x04 \x01(\x03\x12\x1a\n\x12log_append_time_ms\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\"_\n\x0fProduceResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.riverlog.v1.PartitionProduceResult\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\x04\"U\n\x0e\x46\x65tchPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\"\xa4\x01\n\x0c\x46\x65tchRequest\x12/\n\npartitions\x18\x01 \x03(\x0b\x32\x1b.riverlog.v1.FetchPartition\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x05\x12\x11\n\tmin_bytes\x18\x03 \x01(\x05\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\x12(\n\x06member\x18\x05 \x01(\x0b\x32\x18.riverlog.v1.GroupMember\"\xae\x01\n\x14\x46\x65tchPartitionResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\"C\n\rFetchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.riverlog.v1.FetchPartitionResult\"\xc9\x01\n\rStartPosition\x12\x37\n\x08\x65\x61rliest\x18\x01 \x01(\x0b\x32#.riverlog.v1.StartPosition.EarliestH\x00\x12\x33\n\x06latest\x18\x02 \x01(\x0b\x32!.riverlog.v1.StartPosition.LatestH\x00\x12\x10\n\x06offset\x18\x03 \x01(\x03H\x00\x12\x16\n\x0ctimestamp_ms\x18\x04 \x01(\x03H\x00\x1a\n\n\x08\x45\x61rliest\x1a\x08\n\x06LatestB\n\n\x08position\"\xa9\x01\n\x10SubscribeRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\x05\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.riverlog.v1.StartPosition\x12\x15\n\x0bstop_offset\x18\x04 \x01(\x03H\x00\x12\x15\n\x0bstop_at_end\x18\x05 \x01(\x08H\x00\x12\x11\n\tmax_bytes\x18\x06 \x01(\x05\x42\x06\n\x04stop\"\x94\x01\n\x11SubscribeResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x05 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x06 \x01(\x03\"\xbd\x01\n\x12ListOffsetsRequest\x12\x36\n\x07queries\x18\x01 \x03(\x0b\x32%.riverlog.v1.ListOffsetsRequest.Query\x1ao\n\x05Query\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x12\n\x08\x65\x61rliest\x18\x03 \x01(\x08H\x00\x12\x10\n\x06latest\x18\x04 \x01(\x08H\x00\x12\x16\n\x0ctimestamp_ms\x18\x05 \x01(\x03H\x00\x42\x06\n\x04spec\"\xfa\x01\n\x13ListOffsetsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.riverlog.v1.ListOffsetsResponse.Result\x1a\xa8\x01\n\x06Result\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x06offset\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10log_start_offset\x18\x04 \x01(\x03\x12\x16\n\x0elog_end_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionErrorB\t\n\x07_offset*J\n\x04\x41\x63ks\x12\x14\n\x10\x41\x43KS_UNSPECIFIED\x10\x00\x12\r\n\tACKS_NONE\x10\x01\x12\x0f\n\x0b\x41\x43KS_LEADER\x10\x02\x12\x0c\n\x08\x41\x43KS_ALL\x10\x03\x32\xfe\x02\n\x06\x42roker\x12\x44\n\x07Produce\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse\x12N\n\rProduceStream\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse(\x01\x30\x01\x12>\n\x05\x46\x65tch\x12\x19.riverlog.v1.FetchRequest\x1a\x1a.riverlog.v1.FetchResponse\x12L\n\tSubscribe\x12\x1d.riverlog.v1.SubscribeRequest\x1a\x1e.riverlog.v1.SubscribeResponse0\x01\x12P\n\x0bListOffsets\x12\x1f.riverlog.v1.ListOffsetsRequest\x1a .riverlog.v1.ListOffsetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18riverlog/v1/broker.proto\x12\x0briverlog.v1\x1a\x17riverlog/v1/types.proto\"\x83\x01\n\x10PartitionProduce\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x16\n\tpartition\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0crecord_batch\x18\x03 \x01(\x0c\x12$\n\x07records\x18\x04 \x03(\x0b\x32\x13.riverlog.v1.RecordB\x0c\n\n_partition\"|\n\x0eProduceRequest\x12\x31\n\npartitions\x18\x01 \x03(\x0b\x32\x1d.riverlog.v1.PartitionProduce\x12\x1f\n\x04\x61\x63ks\x18\x02 \x01(\x0e\x32\x11.riverlog.v1.Acks\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\x04\"\xac\x01\n\x16PartitionProduceResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x0b\x62\x61se_offset\x18\x03 \x01(\x03\x12\x13\n\x0blast_offset\x18\x04 \x01(\x03\x12\x1a\n\x12log_append_time_ms\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\"_\n\x0fProduceResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.riverlog.v1.PartitionProduceResult\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\x04\"U\n\x0e\x46\x65tchPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\"\xa4\x01\n\x0c\x46\x65tchRequest\x12/\n\npartitions\x18\x01 \x03(\x0b\x32\x1b.riverlog.v1.FetchPartition\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x05\x12\x11\n\tmin_bytes\x18\x03 \x01(\x05\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\x12(\n\x06member\x18\x05 \x01(\x0b\x32\x18.riverlog.v1.GroupMember\"\xae\x01\n\x14\x46\x65tchPartitionResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\"Z\n\rFetchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.riverlog.v1.FetchPartitionResult\x12\x15\n\rheartbeat_now\x18\x02 \x01(\x08\"\xc9\x01\n\rStartPosition\x12\x37\n\x08\x65\x61rliest\x18\x01 \x01(\x0b\x32#.riverlog.v1.StartPosition.EarliestH\x00\x12\x33\n\x06latest\x18\x02 \x01(\x0b\x32!.riverlog.v1.StartPosition.LatestH\x00\x12\x10\n\x06offset\x18\x03 \x01(\x03H\x00\x12\x16\n\x0ctimestamp_ms\x18\x04 \x01(\x03H\x00\x1a\n\n\x08\x45\x61rliest\x1a\x08\n\x06LatestB\n\n\x08position\"\xa9\x01\n\x10SubscribeRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\x05\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.riverlog.v1.StartPosition\x12\x15\n\x0bstop_offset\x18\x04 \x01(\x03H\x00\x12\x15\n\x0bstop_at_end\x18\x05 \x01(\x08H\x00\x12\x11\n\tmax_bytes\x18\x06 \x01(\x05\x42\x06\n\x04stop\"\x94\x01\n\x11SubscribeResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x05 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x06 \x01(\x03\"\xbd\x01\n\x12ListOffsetsRequest\x12\x36\n\x07queries\x18\x01 \x03(\x0b\x32%.riverlog.v1.ListOffsetsRequest.Query\x1ao\n\x05Query\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x12\n\x08\x65\x61rliest\x18\x03 \x01(\x08H\x00\x12\x10\n\x06latest\x18\x04 \x01(\x08H\x00\x12\x16\n\x0ctimestamp_ms\x18\x05 \x01(\x03H\x00\x42\x06\n\x04spec\"\xfa\x01\n\x13ListOffsetsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.riverlog.v1.ListOffsetsResponse.Result\x1a\xa8\x01\n\x06Result\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x06offset\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10log_start_offset\x18\x04 \x01(\x03\x12\x16\n\x0elog_end_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionErrorB\t\n\x07_offset*J\n\x04\x41\x63ks\x12\x14\n\x10\x41\x43KS_UNSPECIFIED\x10\x00\x12\r\n\tACKS_NONE\x10\x01\x12\x0f\n\x0b\x41\x43KS_LEADER\x10\x02\x12\x0c\n\x08\x41\x43KS_ALL\x10\x03\x32\xfe\x02\n\x06\x42roker\x12\x44\n\x07Produce\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse\x12N\n\rProduceStream\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse(\x01\x30\x01\x12>\n\x05\x46\x65tch\x12\x19.riverlog.v1.FetchRequest\x1a\x1a.riverlog.v1.FetchResponse\x12L\n\tSubscribe\x12\x1d.riverlog.v1.SubscribeRequest\x1a\x1e.riverlog.v1.SubscribeResponse0\x01\x12P\n\x0bListOffsets\x12\x1f.riverlog.v1.ListOffsetsRequest\x1a .riverlog.v1.ListOffsetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'riverlog.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKS']._serialized_start=2070
-  _globals['_ACKS']._serialized_end=2144
+  _globals['_ACKS']._serialized_start=2093
+  _globals['_ACKS']._serialized_end=2167
   _globals['_PARTITIONPRODUCE']._serialized_start=67
   _globals['_PARTITIONPRODUCE']._serialized_end=198
   _globals['_PRODUCEREQUEST']._serialized_start=200
@@ -50,25 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHPARTITIONRESULT']._serialized_start=853
   _globals['_FETCHPARTITIONRESULT']._serialized_end=1027
   _globals['_FETCHRESPONSE']._serialized_start=1029
-  _globals['_FETCHRESPONSE']._serialized_end=1096
-  _globals['_STARTPOSITION']._serialized_start=1099
-  _globals['_STARTPOSITION']._serialized_end=1300
-  _globals['_STARTPOSITION_EARLIEST']._serialized_start=1268
-  _globals['_STARTPOSITION_EARLIEST']._serialized_end=1278
-  _globals['_STARTPOSITION_LATEST']._serialized_start=1280
-  _globals['_STARTPOSITION_LATEST']._serialized_end=1288
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1303
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1472
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1475
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1623
-  _globals['_LISTOFFSETSREQUEST']._serialized_start=1626
-  _globals['_LISTOFFSETSREQUEST']._serialized_end=1815
-  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_start=1704
-  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_end=1815
-  _globals['_LISTOFFSETSRESPONSE']._serialized_start=1818
-  _globals['_LISTOFFSETSRESPONSE']._serialized_end=2068
-  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_start=1900
-  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_end=2068
-  _globals['_BROKER']._serialized_start=2147
-  _globals['_BROKER']._serialized_end=2529
+  _globals['_FETCHRESPONSE']._serialized_end=1119
+  _globals['_STARTPOSITION']._serialized_start=1122
+  _globals['_STARTPOSITION']._serialized_end=1323
+  _globals['_STARTPOSITION_EARLIEST']._serialized_start=1291
+  _globals['_STARTPOSITION_EARLIEST']._serialized_end=1301
+  _globals['_STARTPOSITION_LATEST']._serialized_start=1303
+  _globals['_STARTPOSITION_LATEST']._serialized_end=1311
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1326
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1495
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1498
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1646
+  _globals['_LISTOFFSETSREQUEST']._serialized_start=1649
+  _globals['_LISTOFFSETSREQUEST']._serialized_end=1838
+  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_start=1727
+  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_end=1838
+  _globals['_LISTOFFSETSRESPONSE']._serialized_start=1841
+  _globals['_LISTOFFSETSRESPONSE']._serialized_end=2091
+  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_start=1923
+  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_end=2091
+  _globals['_BROKER']._serialized_start=2170
+  _globals['_BROKER']._serialized_end=2552
 # @@protoc_insertion_point(module_scope)

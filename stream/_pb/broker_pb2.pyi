@@ -307,16 +307,23 @@ class FetchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_NOW_FIELD_NUMBER: _builtins.int
+    heartbeat_now: _builtins.bool
+    """Group-scoped fetches only: the member's assignment is about to change (a member joined
+    or left). Heartbeat now rather than at the next interval, so the rebalance waits for a
+    fetch, not for a heartbeat interval of up to 5 s.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FetchPartitionResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___FetchPartitionResult] | None = ...,
+        heartbeat_now: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_now", b"heartbeat_now", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -441,6 +441,14 @@ class GroupCoordinator:
                     f"(owner: {group.owner_of(tp) or 'none'})"
                 )
 
+    def needs_heartbeat(self, group_id: str, member_id: str) -> bool:
+        """Whether the member's assignment differs from its target: it should heartbeat now."""
+        group = self.groups.get(group_id)
+        member = None if group is None else group.members.get(member_id)
+        if group is None or member is None:
+            return False
+        return member.assigned != group.target.get(member_id, frozenset())
+
     # ------------------------------------------------------------------ lookup
     def _group(self, group_id: str) -> Group:
         group = self.groups.get(group_id)
