@@ -1,0 +1,1 @@
+"""The Python client: Producer, Consumer, Admin and their asyncio flavours (stream.aio)."""
