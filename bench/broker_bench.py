@@ -59,13 +59,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -74,28 +69,39 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import google.protobuf
 import grpc
+from _common import (
+    MB,
+    RECORD_KEY_BYTES,
+    RECORD_VALUE_BYTES,
+    Child,
+    KiB,
+    MiB,
+    broker_command,
+    encode_batches,
+    grpc_versions,
+    load_average,
+    machine,
+    print_estimates,
+    print_fields,
+    print_load_average_at_start,
+    process_cpu_s,
+    start_child,
+    stop_child,
+)
 
 import storage
 from storage import NewRecord
 from stream._pb import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
-KiB = 1024
-MiB = 1024 * KiB
-MB = 1_000_000  # throughput unit
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# One record: a 10-byte key and a 90-byte value, 100 bytes of payload (as bench/storage_bench.py).
-RECORD_KEY_BYTES = 10
-RECORD_VALUE_BYTES = 90
 # The broker's default batch_bytes_max (storage LogConfig): a whole batch must fit in it.
 BATCH_BYTES_MAX = 1 * MiB
 # Distinct pre-encoded batches, cycled (8 MiB of client memory).
 DISTINCT_BATCHES = 8
+# Records in the probe batch that estimates the record count of a BATCH_BYTES_MAX batch.
+BATCH_PROBE_RECORDS = 1000
 # Answer size of the raw server's produce-like methods: about a ProduceResponse's.
 RAW_ACK_BYTES = 32
 # Largest message either server or this client accepts: the broker's MESSAGE_BYTES_MAX.
@@ -110,11 +116,6 @@ RAW_CONCURRENT_RPCS = 256
 # Messages one raw server-streaming call may ask for.
 RAW_STREAM_MESSAGES_MAX = 100_000
 RAW_SERVICE = "/riverlog.bench.Raw/"
-# Start-up of a server child: the interpreter imports grpc and numpy and binds the port.
-START_TIMEOUT_S = 30.0
-# A free port is picked by binding port 0 and closing it; another process may take it first.
-START_ATTEMPTS_MAX = 5
-READY_POLL_S = 0.25
 # Every RPC gets a deadline, so no call can hang the bench.
 RPC_TIMEOUT_S = 30.0
 # Untimed calls of each kind before the rounds: connections, thread pools, first-touch memory.
@@ -131,6 +132,13 @@ FETCH_TOPIC_SECONDS_MAX = 30.0
 LATENCY_IN_FLIGHT_MAX = 64
 # A send later than this after its slot counts as late (the producer fell behind).
 LATE_SEND_NS = 1_000_000
+
+# Printed column widths: settings labels, then figure names and values, the estimates lined up
+# above the results; 'raw_server_stream_MBps' is the longest name, produce_records_per_s
+# (millions) the widest figure.
+LABEL_WIDTH = 28
+FIGURE_NAME_WIDTH = 24
+FIGURE_VALUE_WIDTH = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,34 +208,6 @@ TARGETS: dict[str, tuple[float, str]] = {
 
 
 # ---------------------------------------------------------------------------- helpers
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "grpcio": grpc.__version__,
-        "protobuf": google.protobuf.__version__,
-    }
-
-
-def load_average() -> float | None:
-    """The 1-minute load average: above ~0 means other work shared the CPUs."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc); None if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def dirty_mib() -> float | None:
     """Dirty page-cache MiB waiting for write-back (Linux); None if unknown."""
     try:
@@ -243,42 +223,6 @@ def dirty_mib() -> float | None:
 def own_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def encode_batches(now_ms: int, seed: int) -> tuple[list[bytes], int]:
-    """DISTINCT_BATCHES batches of equal record count, each at most BATCH_BYTES_MAX."""
-    rng = random.Random(seed)
-
-    def batch(n: int, salt: int) -> bytes:
-        records = [
-            NewRecord(
-                f"k{salt:02d}-{i:06d}".encode()[:RECORD_KEY_BYTES].ljust(RECORD_KEY_BYTES, b"-"),
-                rng.randbytes(RECORD_VALUE_BYTES),
-                now_ms,
-            )
-            for i in range(n)
-        ]
-        return storage.encode_batch(records)
-
-    probe = 1000
-    per_record = (len(batch(probe, 0)) - storage.HEADER_BYTES) / probe
-    count = int((BATCH_BYTES_MAX - storage.HEADER_BYTES) // per_record) + 1
-    for _ in range(64):  # varint widths make the size slightly non-linear; step down
-        if len(batch(count, 0)) <= BATCH_BYTES_MAX:
-            break
-        count -= 1
-    else:
-        raise AssertionError(f"no record count near {count} fits {BATCH_BYTES_MAX} bytes")
-    batches = [batch(count, salt) for salt in range(DISTINCT_BATCHES)]
-    assert all(len(b) <= BATCH_BYTES_MAX for b in batches)
-    return batches, count
 
 
 # ---------------------------------------------------------------------------- raw server
@@ -325,59 +269,6 @@ def serve_raw(address: str, payload_bytes: int) -> int:
     print(f"raw server listening on {address}", file=sys.stderr, flush=True)
     server.wait_for_termination()
     return 0
-
-
-# ---------------------------------------------------------------------------- children
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    address: str
-    log_path: str
-
-
-def start_child(name: str, command: Callable[[str], list[str]], log_dir: str) -> Child:
-    """Start a server child on a free loopback port and wait until it accepts connections."""
-    for attempt in range(START_ATTEMPTS_MAX):
-        address = f"127.0.0.1:{free_port()}"
-        log_path = os.path.join(log_dir, f"{name}-{attempt}.log")
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                command(address),
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        child = Child(name, proc, address, log_path)
-        if wait_ready(child, START_TIMEOUT_S):
-            return child
-        stop_child(child)
-        text = Path(log_path).read_text(errors="replace")
-        if "cannot listen" not in text:
-            raise RuntimeError(f"{name} did not start (exit {proc.returncode}):\n{text[-3000:]}")
-    raise RuntimeError(f"{name}: no free port after {START_ATTEMPTS_MAX} attempts")
-
-
-def wait_ready(child: Child, timeout_s: float) -> bool:
-    with grpc.insecure_channel(child.address) as channel:
-        ready = grpc.channel_ready_future(channel)
-        for _ in range(int(timeout_s / READY_POLL_S) + 1):
-            if child.proc.poll() is not None:
-                return False
-            try:
-                ready.result(timeout=READY_POLL_S)
-            except grpc.FutureTimeoutError:
-                continue
-            return True
-    return False
-
-
-def stop_child(child: Child) -> None:
-    """SIGKILL: the data directory is thrown away, so no clean shutdown is needed."""
-    if child.proc.poll() is None:
-        child.proc.send_signal(signal.SIGKILL)
-    child.proc.wait(timeout=10)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -918,7 +809,10 @@ def passes(name: str, value: float) -> bool:
 def line(name: str, value: float, unit: str, extra: str = "") -> None:
     est = ESTIMATES.get(name)
     est_text = f"  (estimate {est[0]:,.4g})" if est else ""
-    print(f"  {name:24s} {value:12,.3f} {unit:10s}{est_text}{verdict(name, value)}{extra}")
+    print(
+        f"  {name:{FIGURE_NAME_WIDTH}s} {value:{FIGURE_VALUE_WIDTH},.3f} {unit:10s}"
+        f"{est_text}{verdict(name, value)}{extra}"
+    )
 
 
 def show(run: Run, label: str = "") -> None:
@@ -948,41 +842,33 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if args.quick else FULL
     seed = 20240601
     now_ms = time.time_ns() // 1_000_000  # record time: real, so no segment_ms roll
-    batches, records_per_batch = encode_batches(now_ms, seed)
+    batches, records_per_batch = encode_batches(
+        now_ms, seed, BATCH_BYTES_MAX, DISTINCT_BATCHES, BATCH_PROBE_RECORDS
+    )
     batch_bytes = len(batches[0])
 
     print("# broker benchmark" + (" (quick)" if s.quick else ""))
     print("settings:")
-    for key, value in machine().items():
-        print(f"  {key:28s} {value}")
-    print(f"  {'record':28s} key {RECORD_KEY_BYTES} B + value {RECORD_VALUE_BYTES} B")
+    print_fields(machine(grpc_versions()), LABEL_WIDTH)
+    print(f"  {'record':{LABEL_WIDTH}s} key {RECORD_KEY_BYTES} B + value {RECORD_VALUE_BYTES} B")
     print(
-        f"  {'batch':28s} {records_per_batch} records, {batch_bytes:,} bytes "
+        f"  {'batch':{LABEL_WIDTH}s} {records_per_batch} records, {batch_bytes:,} bytes "
         f"(<= batch_bytes_max {BATCH_BYTES_MAX:,}), {DISTINCT_BATCHES} distinct batches cycled"
     )
-    for key, value in asdict(s).items():
-        text = f"{value:,}" if type(value) is int else str(value)
-        print(f"  {key:28s} {text}")
-    print(f"  {'raw server':28s} grpcio generic handler, {RAW_WORKERS} workers, bytes in/out")
-    load_start = load_average()
-    print(f"  {'load average (1 min)':28s} {load_start} at start (other processes share the CPUs)")
-    print("estimates (written before the first run):")
-    for name, (value, why) in ESTIMATES.items():
-        print(f"  {name:24s} {value:12,.4g}   {why}")
+    print_fields(asdict(s), LABEL_WIDTH)
+    print(
+        f"  {'raw server':{LABEL_WIDTH}s} grpcio generic handler, {RAW_WORKERS} workers, "
+        "bytes in/out"
+    )
+    load_start = print_load_average_at_start(LABEL_WIDTH)
+    print_estimates(ESTIMATES, FIGURE_NAME_WIDTH, FIGURE_VALUE_WIDTH)
     sys.stdout.flush()
 
     root = tempfile.mkdtemp(prefix="broker-bench-")
     children: list[Child] = []
     try:
         data_dir = os.path.join(root, "data")
-        broker = start_child(
-            "broker",
-            lambda address: [
-                *(sys.executable, "-m", "stream.cli", "serve"),
-                *("--data-dir", data_dir, "--listen", address),
-            ],
-            root,
-        )
+        broker = start_child("broker", broker_command(data_dir), root)
         children.append(broker)
         raw = start_child(
             "raw",
@@ -1185,7 +1071,7 @@ def run_all(b: Bench, load_start: float | None) -> dict[str, Any]:
             for name, (bound, op) in TARGETS.items()
         },
         "quick": s.quick,
-        "machine": {**machine(), "load_average_1m": [load_start, load_end]},
+        "machine": {**machine(grpc_versions()), "load_average_1m": [load_start, load_end]},
         "settings": {
             **asdict(s),
             "record_bytes": RECORD_KEY_BYTES + RECORD_VALUE_BYTES,

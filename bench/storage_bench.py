@@ -41,7 +41,6 @@ import functools
 import json
 import mmap
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -54,30 +53,43 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from _common import (
+    MB,
+    RECORD_KEY_BYTES,
+    RECORD_VALUE_BYTES,
+    GiB,
+    KiB,
+    MiB,
+    encode_batches,
+    load_average,
+    machine,
+    print_estimates,
+    print_fields,
+    print_load_average_at_start,
+)
 
 import storage
 from storage import FsyncPolicy, LogConfig, NewRecord, PartitionLog
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-MB = 1_000_000  # throughput unit
-
-# One record: a 10-byte key and a 90-byte value, 100 bytes of payload (the record size of
-# Kafka's often-quoted producer benchmarks).
-RECORD_KEY_BYTES = 10
-RECORD_VALUE_BYTES = 90
 # Encoded batches are filled with records up to this size (a producer's batch.size-like
 # setting; Kafka's default batch.size is 16 KiB, 64 KiB is a busy producer's).
 BATCH_BYTES = 64 * KiB
 # Distinct pre-encoded batches, cycled; enough that no two consecutive appends repeat.
 DISTINCT_BATCHES = 16
+# Records in the probe batch that estimates the record count of a BATCH_BYTES batch.
+BATCH_PROBE_RECORDS = 500
 # A call slower than this is a stall (a roll's fdatasync, write-back throttling).
 STALL_NS = 10_000_000
 # Checked once per this many loop iterations against the time limit.
 DEADLINE_CHECK_EVERY = 256
 # Random reads checked (untimed) to return the batch holding the offset.
 READS_VERIFIED = 100
+# Printed column widths: settings labels, then figure names and values, the estimates lined up
+# above the results; 'fsync_always_appends_per_s' is the longest name, 21 million the largest
+# figure (append_records_per_s).
+LABEL_WIDTH = 28
+FIGURE_NAME_WIDTH = 28
+FIGURE_VALUE_WIDTH = 14
 # Free space wanted on --dir beyond what the runs write, for indexes and the file system.
 DISK_SLACK_BYTES = 1 * GiB
 
@@ -171,52 +183,6 @@ TARGETS: dict[str, float] = {
 
 
 # ---------------------------------------------------------------------------- helpers
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-    }
-
-
-def load_average() -> float | None:
-    """The 1-minute load average: above ~0 means other work shared the CPUs during the run."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def encode_batches(now_ms: int, seed: int) -> tuple[list[bytes], int]:
-    """DISTINCT_BATCHES batches of equal record count, each at most BATCH_BYTES."""
-    rng = random.Random(seed)
-
-    def batch(n: int, salt: int) -> bytes:
-        records = [
-            NewRecord(
-                f"k{salt:02d}-{i:06d}".encode()[:RECORD_KEY_BYTES].ljust(RECORD_KEY_BYTES, b"-"),
-                rng.randbytes(RECORD_VALUE_BYTES),
-                now_ms,
-            )
-            for i in range(n)
-        ]
-        return storage.encode_batch(records)
-
-    probe = 500
-    per_record = (len(batch(probe, 0)) - storage.HEADER_BYTES) / probe
-    count = int((BATCH_BYTES - storage.HEADER_BYTES) // per_record) + 1
-    for _ in range(64):  # varint widths make the size slightly non-linear; step down
-        if len(batch(count, 0)) <= BATCH_BYTES:
-            break
-        count -= 1
-    else:
-        raise AssertionError(f"no record count near {count} fits {BATCH_BYTES} bytes")
-    batches = [batch(count, salt) for salt in range(DISTINCT_BATCHES)]
-    assert all(len(b) <= BATCH_BYTES for b in batches)
-    return batches, count
-
-
 def clear_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -542,7 +508,10 @@ def verdict(name: str, value: float) -> str:
 def line(name: str, value: float, unit: str, extra: str = "") -> None:
     est = ESTIMATES.get(name)
     est_text = f"  (estimate {est[0]:,.4g})" if est else ""
-    print(f"  {name:28s} {value:14,.2f} {unit:10s}{est_text}{verdict(name, value)}{extra}")
+    print(
+        f"  {name:{FIGURE_NAME_WIDTH}s} {value:{FIGURE_VALUE_WIDTH},.2f} {unit:10s}"
+        f"{est_text}{verdict(name, value)}{extra}"
+    )
 
 
 @contextmanager
@@ -563,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     now_ms = 1_700_000_000_000  # storage takes the clock as a value; a fixed one will do
     seed = 20240601
 
-    batches, records_per_batch = encode_batches(now_ms, seed)
+    batches, records_per_batch = encode_batches(
+        now_ms, seed, BATCH_BYTES, DISTINCT_BATCHES, BATCH_PROBE_RECORDS
+    )
     batch_bytes = len(batches[0])
     needed = s.append_total_bytes + s.recovery_log_bytes + DISK_SLACK_BYTES
     free = shutil.disk_usage(args.dir).free
@@ -573,22 +544,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print("# storage benchmark" + (" (quick)" if s.quick else ""))
     print("settings:")
-    for key, value in machine().items():
-        print(f"  {key:28s} {value}")
-    print(f"  {'record':28s} key {RECORD_KEY_BYTES} B + value {RECORD_VALUE_BYTES} B")
+    print_fields(machine({"numpy": np.__version__}), LABEL_WIDTH)
+    print(f"  {'record':{LABEL_WIDTH}s} key {RECORD_KEY_BYTES} B + value {RECORD_VALUE_BYTES} B")
     print(
-        f"  {'batch':28s} {records_per_batch} records, {batch_bytes} bytes "
+        f"  {'batch':{LABEL_WIDTH}s} {records_per_batch} records, {batch_bytes} bytes "
         f"(<= {BATCH_BYTES}), {DISTINCT_BATCHES} distinct batches cycled"
     )
-    for key, value in asdict(s).items():
-        text = f"{value:,}" if type(value) is int else str(value)
-        print(f"  {key:28s} {text}")
-    print(f"  {'work dir parent':28s} {os.path.abspath(args.dir)}")
-    load_start = load_average()
-    print(f"  {'load average (1 min)':28s} {load_start} at start (other processes share the CPUs)")
-    print("estimates (written before the first run):")
-    for name, (value, why) in ESTIMATES.items():
-        print(f"  {name:28s} {value:14,.4g}   {why}")
+    print_fields(asdict(s), LABEL_WIDTH)
+    print(f"  {'work dir parent':{LABEL_WIDTH}s} {os.path.abspath(args.dir)}")
+    load_start = print_load_average_at_start(LABEL_WIDTH)
+    print_estimates(ESTIMATES, FIGURE_NAME_WIDTH, FIGURE_VALUE_WIDTH)
     sys.stdout.flush()
 
     opened: list[PartitionLog] = []
@@ -693,7 +658,10 @@ def main(argv: list[str] | None = None) -> int:
             name: {"min": bound, "pass": figures[name] >= bound} for name, bound in TARGETS.items()
         },
         "quick": s.quick,
-        "machine": {**machine(), "load_average_1m": [load_start, load_end]},
+        "machine": {
+            **machine({"numpy": np.__version__}),
+            "load_average_1m": [load_start, load_end],
+        },
         "settings": {
             **asdict(s),
             "record_bytes": RECORD_KEY_BYTES + RECORD_VALUE_BYTES,
