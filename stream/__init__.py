@@ -1,6 +1,64 @@
-"""riverlog's talking half: broker, consumer groups, gRPC server, client and CLI.
+"""riverlog's talking half: the Python client (this package's public surface), and the broker,
+consumer groups, gRPC server and `riverlog` command behind it.
 
-The broker arrives with its own issue; until then this package holds the `riverlog` command.
+    from stream import Producer, Consumer, Admin        # sync
+    from stream.aio import AsyncProducer, AsyncConsumer, AsyncAdmin
 """
 
-__all__: list[str] = []
+from .client._admin import (
+    Admin,
+    GroupDescription,
+    GroupListing,
+    MemberDescription,
+    OffsetChange,
+    OffsetInfo,
+    OffsetSpec,
+    PartitionInfo,
+    PartitionLag,
+    TopicInfo,
+)
+from .client._base import (
+    AlreadyExistsError,
+    BufferFullError,
+    DeadlineExceededError,
+    GroupError,
+    InvalidArgumentError,
+    NotFoundError,
+    OffsetOutOfRangeError,
+    Record,
+    RecordMetadata,
+    ResourceExhaustedError,
+    RiverlogError,
+    TopicPartition,
+    UnavailableError,
+)
+from .client._consumer import Consumer
+from .client._producer import Producer
+
+__all__ = [
+    "Admin",
+    "AlreadyExistsError",
+    "BufferFullError",
+    "Consumer",
+    "DeadlineExceededError",
+    "GroupDescription",
+    "GroupError",
+    "GroupListing",
+    "InvalidArgumentError",
+    "MemberDescription",
+    "NotFoundError",
+    "OffsetChange",
+    "OffsetInfo",
+    "OffsetOutOfRangeError",
+    "OffsetSpec",
+    "PartitionInfo",
+    "PartitionLag",
+    "Producer",
+    "Record",
+    "RecordMetadata",
+    "ResourceExhaustedError",
+    "RiverlogError",
+    "TopicInfo",
+    "TopicPartition",
+    "UnavailableError",
+]

@@ -135,11 +135,14 @@ class GroupManager:
 
     def check_fetch(
         self, group_id: str, member_id: str, member_epoch: int, partitions: Iterable[TopicPartition]
-    ) -> bool:
-        """A group-scoped fetch: refused unless this member, at this epoch, owns them all.
-        True when the member should heartbeat now (its assignment is about to change)."""
+    ) -> None:
+        """A group-scoped fetch: refused unless this member, at this epoch, owns them all."""
         with self._lock:
             self.coordinator.check_owner(group_id, member_id, member_epoch, partitions)
+
+    def needs_heartbeat(self, group_id: str, member_id: str) -> bool:
+        """Whether the member should heartbeat now (its assignment is about to change)."""
+        with self._lock:
             return self.coordinator.needs_heartbeat(group_id, member_id)
 
     # ------------------------------------------------------------------ offsets

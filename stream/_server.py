@@ -170,7 +170,7 @@ class BrokerService:
             if self.groups is None:
                 raise InvalidRequestError("this server has no consumer groups")
             m = request.member
-            heartbeat_now = self.groups.check_fetch(
+            self.groups.check_fetch(
                 m.group_id,
                 m.member_id,
                 m.member_epoch,
@@ -183,6 +183,10 @@ class BrokerService:
             max_bytes=request.max_bytes,
             is_active=context.is_active,
         )
+        if self.groups is not None and request.HasField("member"):
+            # Asked after the long-poll: a join during the wait is news for this answer.
+            m = request.member
+            heartbeat_now = self.groups.needs_heartbeat(m.group_id, m.member_id)
         errors = [r.error for r in results if r.error is not None]
         if len(errors) == len(results):
             raise errors[0]

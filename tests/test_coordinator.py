@@ -376,8 +376,6 @@ def test_stale_epoch_is_fenced() -> None:
     with pytest.raises(FencedMemberError):
         co.heartbeat(GROUP, a.member_id, a.epoch + 1, 0)
     with pytest.raises(FencedMemberError):
-        co.heartbeat(GROUP, a.member_id, 0, 0)  # rejoining under its old id
-    with pytest.raises(FencedMemberError):
         co.leave(GROUP, a.member_id, a.epoch - 1)
     a.heartbeat()  # the right epoch still works, and nothing changed
     assert a.owned == _tps("t", 2)
@@ -941,3 +939,25 @@ def test_a_lost_answer_does_not_strand_the_member() -> None:
             40,
             owned=[*kept, TopicPartition("t", 99)],
         )
+
+
+def test_a_fenced_member_rejoins_under_its_own_id() -> None:
+    """Epoch 0 with a known member id: the member holds nothing now (it was fenced); what it
+    had is free again and it gets an assignment like a new member, keeping its id."""
+    counts = {"t": 4}
+    coordinator = GroupCoordinator(lambda: counts)
+    sub = Subscription(frozenset({"t"}))
+    a = coordinator.heartbeat("g", "", 0, 0, subscription=sub)
+    b = coordinator.heartbeat("g", "", 0, 10, subscription=sub)
+    a = coordinator.heartbeat("g", a.member_id, a.member_epoch, 20, owned=a.assignment)
+    kept = a.assignment
+    again = coordinator.heartbeat("g", a.member_id, 0, 30)
+    assert again.member_id == a.member_id
+    assert again.member_epoch not in (0, a.member_epoch)
+    group = coordinator.groups["g"]
+    owners = [tp for m in group.members.values() for tp in m.assigned]
+    assert len(owners) == len(set(owners))  # never two owners
+    assert again.assignment | again.pending == group.target[a.member_id]
+    assert kept  # it held partitions before, and rejoining gave them up
+    b = coordinator.heartbeat("g", b.member_id, b.member_epoch, 40, owned=b.assignment)
+    assert again.assignment.isdisjoint(b.assignment)

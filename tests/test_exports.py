@@ -8,9 +8,10 @@ import pytest
 
 import storage
 import stream
+import stream.aio as stream_aio
 
 
-@pytest.mark.parametrize("package", [storage, stream])
+@pytest.mark.parametrize("package", [storage, stream, stream_aio])
 def test_all_lists_every_public_name(package: types.ModuleType) -> None:
     public = {
         name
@@ -26,3 +27,10 @@ def test_storage_surface_is_stable() -> None:
     # The names other packages build on; removing one is a breaking change.
     for name in ("PartitionLog", "LogConfig", "FsyncPolicy", "encode_batch", "decode_records"):
         assert name in storage.__all__
+
+
+def test_client_surface_is_stable() -> None:
+    # The client API users write against (the list); removing one breaks them.
+    for name in ("Producer", "Consumer", "Admin", "Record", "RecordMetadata", "TopicPartition"):
+        assert name in stream.__all__
+    assert set(stream_aio.__all__) == {"AsyncProducer", "AsyncConsumer", "AsyncAdmin"}

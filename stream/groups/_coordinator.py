@@ -204,6 +204,19 @@ class GroupCoordinator:
                 now_ms,
             )
             group = self.groups[group_id]
+        elif member_epoch == 0:
+            # A member that was fenced rejoins under its own id, holding nothing (KIP-848):
+            # what it had is free again, and it gets an assignment as if it had just joined.
+            group = self._group(group_id)
+            member = self._member(group, member_id)
+            member.last_heartbeat_ms = now_ms
+            member.assigned = frozenset()
+            member.revoking_since_ms = None
+            if subscription is not None and subscription != member.subscription:
+                _check_subscription(subscription)
+                member.subscription = subscription
+            self._retarget(group)
+            owned = None
         else:
             group = self._group(group_id)
             member = self._member(group, member_id)

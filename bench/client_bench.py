@@ -1,0 +1,152 @@
+"""One Python producer and one Python consumer against a broker process, 100-byte records.
+
+    python bench/client_bench.py [--quick]
+
+In one run: the pure-encoder ceiling (encoding the same records into RecordBatch v2 batches
+without sending them), then `Producer.send` of every record (acks leader, default linger and
+batch size) until `flush` returns, then a `Consumer` assigned every partition reading them all
+back from the beginning. The broker runs as a separate process (its own GIL), on loopback.
+Targets (the client issue): produce >= 500,000 records/s, consume >= 1,000,000 records/s.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from _common import (
+    RECORD_KEY_BYTES,
+    RECORD_VALUE_BYTES,
+    broker_command,
+    grpc_versions,
+    load_average,
+    machine,
+    start_child,
+    stop_child,
+)
+
+import storage
+from stream import Admin, Consumer, Producer, TopicPartition
+
+PARTITIONS = 4
+PRODUCE_TARGET = 500_000
+CONSUME_TARGET = 1_000_000
+# Records per encode_batch call in the ceiling measurement: what a full 1 MiB batch holds.
+CEILING_BATCH_RECORDS = 9_000
+# No phase may run longer than this, whatever the machine does.
+PHASE_SECONDS_MAX = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    records: int
+    partitions: int = PARTITIONS
+    key_bytes: int = RECORD_KEY_BYTES
+    value_bytes: int = RECORD_VALUE_BYTES
+
+
+FULL = Settings(records=1_000_000)
+QUICK = Settings(records=200_000)
+
+
+def make_records(s: Settings) -> list[tuple[bytes, bytes]]:
+    value = b"v" * s.value_bytes
+    return [(b"%0*d" % (s.key_bytes, i), value) for i in range(s.records)]
+
+
+def encode_ceiling(records: list[tuple[bytes, bytes]]) -> float:
+    now_ms = int(time.time() * 1000)
+    started = time.perf_counter()
+    for i in range(0, len(records), CEILING_BATCH_RECORDS):
+        chunk = records[i : i + CEILING_BATCH_RECORDS]
+        storage.encode_batch([storage.NewRecord(k, v, now_ms) for k, v in chunk])
+    return len(records) / (time.perf_counter() - started)
+
+
+def produce(address: str, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    deadline = time.monotonic() + PHASE_SECONDS_MAX
+    with Producer(address) as producer:
+        started = time.perf_counter()
+        futures = []
+        for i, (key, value) in enumerate(records):
+            futures.append(producer.send(topic, value, key=key))
+            if i % 10_000 == 0 and time.monotonic() > deadline:
+                raise RuntimeError("produce phase ran past its time cap")
+        producer.flush()
+        elapsed = time.perf_counter() - started
+    failed = sum(1 for f in futures if f.exception() is not None)
+    if failed:
+        raise RuntimeError(f"{failed} sends failed")
+    return len(records) / elapsed
+
+
+def consume(address: str, topic: str, expected: int) -> float:
+    deadline = time.monotonic() + PHASE_SECONDS_MAX
+    seen = 0
+    with Consumer(address) as consumer:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        consumer.seek_to_beginning()
+        started = time.perf_counter()
+        while seen < expected and time.monotonic() < deadline:
+            seen += len(consumer.poll(timeout_ms=1000))
+        elapsed = time.perf_counter() - started
+    if seen < expected:
+        raise RuntimeError(f"consumed {seen} of {expected} records before the time cap")
+    return seen / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="200,000 records instead of 1M")
+    args = parser.parse_args()
+    s = QUICK if args.quick else FULL
+    info = machine(grpc_versions())
+    print("settings:", json.dumps(asdict(s)))
+    print("machine:", json.dumps(info))
+    print(f"load average at start: {load_average()}")
+    print("estimates before running: encode ~2,000,000/s, produce ~600,000/s, consume ~1,000,000/s")
+    records = make_records(s)
+    ceiling = encode_ceiling(records)
+    print(f"encode ceiling: {ceiling:,.0f} records/s")
+    work = tempfile.mkdtemp(prefix="riverlog-client-bench-")
+    broker = start_child("broker", broker_command(f"{work}/data"), work)
+    try:
+        with Admin(broker.address) as admin:
+            admin.create_topic("bench", PARTITIONS)
+        produced = produce(broker.address, "bench", records)
+        print(
+            f"produce: {produced:,.0f} records/s ({produced / ceiling:.2f} of the encoder), "
+            f"target {PRODUCE_TARGET:,}: {'PASS' if produced >= PRODUCE_TARGET else 'MISS'}"
+        )
+        consumed = consume(broker.address, "bench", s.records)
+        print(
+            f"consume: {consumed:,.0f} records/s, target {CONSUME_TARGET:,}: "
+            f"{'PASS' if consumed >= CONSUME_TARGET else 'MISS'}"
+        )
+    finally:
+        stop_child(broker)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"load average at end: {load_average()}")
+    print(
+        json.dumps(
+            {
+                "produce_records_per_s": round(produced),
+                "consume_records_per_s": round(consumed),
+                "encode_ceiling_records_per_s": round(ceiling),
+                "produce_vs_encode_ceiling": round(produced / ceiling, 3),
+                "quick": args.quick,
+                "machine": info,
+                "settings": asdict(s),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

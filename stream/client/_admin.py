@@ -1,0 +1,428 @@
+"""Topic and consumer-group administration: `AsyncAdmin` on grpc.aio, `Admin` its sync facade.
+
+Every method is one RPC of riverlog.v1.Admin, riverlog.v1.Groups or Broker.ListOffsets: build
+the request, await it under the call's deadline, turn the answer into the plain dataclasses
+below (never protobuf messages), and a failed call into a `RiverlogError` subclass
+(`from_rpc_error`). `Admin` runs the same coroutines on its own `EventLoopThread`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from stream._pb import (
+    admin_pb2,
+    admin_pb2_grpc,
+    broker_pb2,
+    broker_pb2_grpc,
+    groups_pb2,
+    groups_pb2_grpc,
+    types_pb2,
+)
+
+from ._base import (
+    EventLoopThread,
+    InvalidArgumentError,
+    TopicPartition,
+    default_server,
+    from_partition_error,
+    from_rpc_error,
+    open_channel,
+)
+
+# Deadline of one admin call. Creating or deleting a topic touches the disk (directories,
+# fsync of the catalog); seconds at worst, so 30 s only ends calls to a broker that hangs.
+CALL_TIMEOUT_S = 30.0
+
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+# Where ListOffsets looks: the log start, the log end, or (an int) the first record whose
+# timestamp is at or after this many ms since the Unix epoch.
+OffsetSpec = Literal["earliest", "latest"] | int
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class PartitionInfo:
+    partition: int
+    log_start_offset: int
+    log_end_offset: int
+    size_bytes: int
+    segment_count: int
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    name: str
+    topic_id: str
+    partitions: list[PartitionInfo]
+    # The per-topic overrides given at creation.
+    config: dict[str, str]
+
+
+@dataclass(frozen=True)
+class GroupListing:
+    group_id: str
+    # empty | reconciling | stable
+    state: str
+    members: int
+
+
+@dataclass(frozen=True)
+class MemberDescription:
+    member_id: str
+    instance_id: str | None
+    member_epoch: int
+    # The subscription: topic names, or a pattern matched against whole names.
+    topics: list[str]
+    pattern: str | None
+    # Partitions the member works now, and those coming to it once their owner lets go.
+    assignment: list[TopicPartition]
+    pending: list[TopicPartition]
+    last_heartbeat_ms: int
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    # None: the group has no commit for this partition.
+    committed_offset: int | None
+    log_start_offset: int
+    log_end_offset: int
+    # log_end_offset - committed offset (- log start offset without a commit).
+    lag: int
+    # The member working the partition; "" when nobody does.
+    member_id: str
+
+
+@dataclass(frozen=True)
+class GroupDescription:
+    group_id: str
+    state: str
+    group_epoch: int
+    members: list[MemberDescription]
+    partitions: list[PartitionLag]
+    total_lag: int
+
+
+@dataclass(frozen=True)
+class OffsetChange:
+    partition: int
+    # None: the group had no commit for this partition.
+    previous: int | None
+    new: int
+
+
+@dataclass(frozen=True)
+class OffsetInfo:
+    """One ListOffsets answer; `offset` is None when no record is at or after the timestamp."""
+
+    offset: int | None
+    log_start_offset: int
+    log_end_offset: int
+
+
+# ---------------------------------------------------------------------------- async core
+class AsyncAdmin:
+    """Administration on grpc.aio; create it on the event loop that will use it."""
+
+    def __init__(self, server: str | None = None, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self.server = default_server(server)
+        self._timeout_s = timeout_s
+        self._channel = open_channel(self.server)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._groups = groups_pb2_grpc.GroupsStub(self._channel)
+        self._broker = broker_pb2_grpc.BrokerStub(self._channel)
+
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Response], request: Request
+    ) -> Response:
+        try:
+            return await method(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+
+    # -------------------------------------------------------------------- topics
+    async def create_topic(
+        self, name: str, partitions: int = 1, config: Mapping[str, str] | None = None
+    ) -> TopicInfo:
+        request = admin_pb2.CreateTopicRequest(
+            name=name, partitions=partitions, config=dict(config or {})
+        )
+        return _topic_info(await self._call(self._admin.CreateTopic, request))
+
+    async def delete_topic(self, name: str) -> None:
+        await self._call(self._admin.DeleteTopic, admin_pb2.DeleteTopicRequest(name=name))
+
+    async def list_topics(self) -> list[tuple[str, int]]:
+        """(name, partition count) of every topic."""
+        answer = await self._call(self._admin.ListTopics, admin_pb2.ListTopicsRequest())
+        return [(t.name, t.partitions) for t in answer.topics]
+
+    async def describe_topic(self, name: str) -> TopicInfo:
+        request = admin_pb2.DescribeTopicRequest(name=name)
+        return _topic_info(await self._call(self._admin.DescribeTopic, request))
+
+    async def add_partitions(self, name: str, total: int) -> TopicInfo:
+        """Grow topic `name` to `total` partitions (never fewer)."""
+        request = admin_pb2.AddPartitionsRequest(name=name, partitions=total)
+        return _topic_info(await self._call(self._admin.AddPartitions, request))
+
+    async def list_offsets(self, topic: str, partition: int, spec: OffsetSpec) -> OffsetInfo:
+        """The offset at `spec`: "earliest", "latest", or an int timestamp in ms (the first
+        record at or after it; `offset` None when there is none)."""
+        query = broker_pb2.ListOffsetsRequest.Query(topic=topic, partition=partition)
+        if spec == "earliest":
+            query.earliest = True
+        elif spec == "latest":
+            query.latest = True
+        elif isinstance(spec, int) and not isinstance(spec, bool):
+            query.timestamp_ms = spec
+        else:
+            raise InvalidArgumentError(
+                f"spec must be 'earliest', 'latest' or a timestamp in ms, got {spec!r}"
+            )
+        request = broker_pb2.ListOffsetsRequest(queries=[query])
+        (result,) = (await self._call(self._broker.ListOffsets, request)).results
+        if result.error.code != 0:
+            raise from_partition_error(result.error.code, result.error.message)
+        return OffsetInfo(
+            result.offset if result.HasField("offset") else None,
+            result.log_start_offset,
+            result.log_end_offset,
+        )
+
+    # -------------------------------------------------------------------- groups
+    async def list_groups(self) -> list[GroupListing]:
+        answer = await self._call(self._groups.ListGroups, groups_pb2.ListGroupsRequest())
+        return [GroupListing(g.group_id, g.state, g.members) for g in answer.groups]
+
+    async def describe_group(self, group_id: str) -> GroupDescription:
+        request = groups_pb2.DescribeGroupRequest(group_id=group_id)
+        return _group_description(await self._call(self._groups.DescribeGroup, request))
+
+    async def delete_group(self, group_id: str) -> None:
+        """Forget the committed offsets of a group without members."""
+        request = groups_pb2.DeleteGroupRequest(group_id=group_id)
+        await self._call(self._groups.DeleteGroup, request)
+
+    async def reset_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        *,
+        to_earliest: bool = False,
+        to_latest: bool = False,
+        to_timestamp_ms: int | None = None,
+        to_offset: int | None = None,
+        shift_by: int | None = None,
+        partitions: Iterable[int] | None = None,
+        dry_run: bool = False,
+    ) -> list[OffsetChange]:
+        """Move the committed offsets of a group without members to exactly one target, in
+        `partitions` (None: all of the topic's). `dry_run` computes the changes only."""
+        request = groups_pb2.ResetOffsetsRequest(
+            group_id=group_id, topic=topic, partitions=list(partitions or ()), dry_run=dry_run
+        )
+        targets = {
+            "to_earliest": to_earliest or None,
+            "to_latest": to_latest or None,
+            "to_timestamp_ms": to_timestamp_ms,
+            "to_offset": to_offset,
+            "shift_by": shift_by,
+        }
+        given = [name for name, value in targets.items() if value is not None]
+        if len(given) != 1:
+            raise InvalidArgumentError(
+                "reset_offsets needs exactly one of to_earliest, to_latest, to_timestamp_ms, "
+                f"to_offset, shift_by; got {len(given)}: {', '.join(given) or 'none'}"
+            )
+        if to_earliest:
+            request.earliest = True
+        elif to_latest:
+            request.latest = True
+        elif to_timestamp_ms is not None:
+            request.timestamp_ms = to_timestamp_ms
+        elif to_offset is not None:
+            request.offset = to_offset
+        elif shift_by is not None:
+            request.shift_by = shift_by
+        answer = await self._call(self._groups.ResetOffsets, request)
+        return [
+            OffsetChange(
+                c.partition,
+                c.previous_offset if c.HasField("previous_offset") else None,
+                c.new_offset,
+            )
+            for c in answer.changes
+        ]
+
+    # -------------------------------------------------------------------- lifetime
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _topic_info(d: admin_pb2.TopicDescription) -> TopicInfo:
+    return TopicInfo(
+        d.name,
+        d.topic_id,
+        [
+            PartitionInfo(
+                p.partition, p.log_start_offset, p.log_end_offset, p.size_bytes, p.segment_count
+            )
+            for p in d.partitions
+        ],
+        dict(d.config),
+    )
+
+
+def _partitions(items: Iterable[types_pb2.TopicPartitions]) -> list[TopicPartition]:
+    return [TopicPartition(tp.topic, p) for tp in items for p in tp.partitions]
+
+
+def _group_description(d: groups_pb2.DescribeGroupResponse) -> GroupDescription:
+    return GroupDescription(
+        d.group_id,
+        d.state,
+        d.group_epoch,
+        [
+            MemberDescription(
+                m.member_id,
+                m.instance_id if m.HasField("instance_id") else None,
+                m.member_epoch,
+                list(m.subscription.topics),
+                m.subscription.pattern if m.subscription.HasField("pattern") else None,
+                _partitions(m.assignment),
+                _partitions(m.pending),
+                m.last_heartbeat_ms,
+            )
+            for m in d.members
+        ],
+        [
+            PartitionLag(
+                p.topic,
+                p.partition,
+                p.committed_offset if p.HasField("committed_offset") else None,
+                p.log_start_offset,
+                p.log_end_offset,
+                p.lag,
+                p.member_id,
+            )
+            for p in d.partitions
+        ],
+        d.total_lag,
+    )
+
+
+# ---------------------------------------------------------------------------- sync facade
+class Admin:
+    """The blocking `AsyncAdmin`: each method runs the async one on this object's loop thread."""
+
+    def __init__(self, server: str | None = None, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self._thread = EventLoopThread("riverlog-admin")
+        self._closed = False
+
+        async def open_core() -> AsyncAdmin:
+            return AsyncAdmin(server, timeout_s=timeout_s)
+
+        try:
+            self._core = self._thread.run(open_core())
+        except BaseException:
+            self._thread.close()
+            raise
+        self.server = self._core.server
+
+    def create_topic(
+        self, name: str, partitions: int = 1, config: Mapping[str, str] | None = None
+    ) -> TopicInfo:
+        return self._thread.run(self._core.create_topic(name, partitions, config))
+
+    def delete_topic(self, name: str) -> None:
+        self._thread.run(self._core.delete_topic(name))
+
+    def list_topics(self) -> list[tuple[str, int]]:
+        return self._thread.run(self._core.list_topics())
+
+    def describe_topic(self, name: str) -> TopicInfo:
+        return self._thread.run(self._core.describe_topic(name))
+
+    def add_partitions(self, name: str, total: int) -> TopicInfo:
+        return self._thread.run(self._core.add_partitions(name, total))
+
+    def list_offsets(self, topic: str, partition: int, spec: OffsetSpec) -> OffsetInfo:
+        return self._thread.run(self._core.list_offsets(topic, partition, spec))
+
+    def list_groups(self) -> list[GroupListing]:
+        return self._thread.run(self._core.list_groups())
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        return self._thread.run(self._core.describe_group(group_id))
+
+    def delete_group(self, group_id: str) -> None:
+        self._thread.run(self._core.delete_group(group_id))
+
+    def reset_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        *,
+        to_earliest: bool = False,
+        to_latest: bool = False,
+        to_timestamp_ms: int | None = None,
+        to_offset: int | None = None,
+        shift_by: int | None = None,
+        partitions: Iterable[int] | None = None,
+        dry_run: bool = False,
+    ) -> list[OffsetChange]:
+        return self._thread.run(
+            self._core.reset_offsets(
+                group_id,
+                topic,
+                to_earliest=to_earliest,
+                to_latest=to_latest,
+                to_timestamp_ms=to_timestamp_ms,
+                to_offset=to_offset,
+                shift_by=shift_by,
+                partitions=partitions,
+                dry_run=dry_run,
+            )
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._thread.run(self._core.close())
+        finally:
+            self._thread.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
