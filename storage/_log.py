@@ -12,14 +12,17 @@ writes the batches with one positional write. Reads return whole batches as stor
 What survives a crash, per `LogConfig.fsync`:
   always    every acknowledged append (fsync before `append` returns);
   interval  a process crash loses nothing; a power loss loses at most the appends of the last
-            `fsync_interval_ms` of the newest segment;
+            `fsync_interval_ms`;
   never     a process crash loses nothing; a power loss can lose what the OS had not written
-            back of the newest segment. Sealed segments are fsynced when they roll, always.
+            back. A sealed segment is fsynced by a helper thread right behind its roll (see
+            `_flush_behind`); the recovery point passes it only once that is done.
 
-Crash-atomic operations: segment roll (old segment fsynced and trimmed before the new file
-exists; directory fsynced after), segment deletion (.log unlinked first; orphan indexes are
-removed on open), and the recovery-point and clean-shutdown files (temp, fsync, rename,
-directory fsync). An append is not atomic on disk, which is why recovery cuts a torn tail.
+Crash-atomic operations: segment roll (old segment's indexes trimmed and fsynced before the
+new file exists; directory fsynced after; its data fsynced behind), segment deletion (.log
+unlinked first; orphan indexes are removed on open), and the recovery-point and
+clean-shutdown files (temp, fsync, rename, directory fsync). An append is not atomic on
+disk, which is why recovery cuts a torn tail; a sealed segment past the recovery point may be
+torn too after a power loss, and is cut the same way (with the segments after it).
 
 Thread safety: every public method takes the log's lock; batch validation (the CRC) runs
 before it, so concurrent producers overlap their CPU work.
