@@ -7,8 +7,8 @@ base offset in the file name (`%020d`, so names sort as offsets do). Only the lo
 Crash atomicity: `append` is one positional write of whole batches at the end of the file;
 a crash can leave a torn tail, which `recover` cuts. Index entries are written to the memmap
 after the log bytes; indexes are rebuilt by `recover`, so their order on disk does not matter.
-`seal` makes the segment whole on disk (fsync of the log, trimmed indexes) before the log
-creates the next one, so every segment but the newest is complete after any crash.
+`seal` makes the segment read-only (final time-index entry, indexes trimmed and fsynced);
+its log bytes are fsynced by the owner (PartitionLog), at once or right behind the roll.
 """
 
 from __future__ import annotations
