@@ -630,23 +630,22 @@ class Broker:
     # ------------------------------------------------------------------ background work
     def tick(self) -> None:
         """Periodic work: retention, and fsync for logs with the `interval` policy."""
-        now_ms = self._clock_ms()
-        for topic in list(self._topics.values()):
-            for p in topic.partitions:
-                try:
-                    p.log.apply_retention(now_ms)
-                    p.log.flush_if_due(now_ms)
-                except LogClosedError:
-                    continue  # deleted meanwhile
+        self._each_log(
+            lambda plog, now_ms: (plog.apply_retention(now_ms), plog.flush_if_due(now_ms))
+        )
 
     def flush_due(self) -> None:
+        """fsync the logs whose `interval` has passed."""
+        self._each_log(lambda plog, now_ms: plog.flush_if_due(now_ms))
+
+    def _each_log(self, work: Callable[[PartitionLog, int], object]) -> None:
         now_ms = self._clock_ms()
         for topic in list(self._topics.values()):
             for p in topic.partitions:
                 try:
-                    p.log.flush_if_due(now_ms)
+                    work(p.log, now_ms)
                 except LogClosedError:
-                    continue
+                    continue  # its topic was deleted meanwhile
 
     # ------------------------------------------------------------------ lifecycle
     def begin_shutdown(self) -> None:
