@@ -3,10 +3,18 @@
     StorageError                     anything the log engine refuses or cannot do
     ├── CorruptBatchError            bytes that are not a valid RecordBatch v2 (length, magic,
     │   │                            CRC32C, counts); raised for bad input and by the decoder
-    │   └── UnsupportedCodecError    a valid batch compressed with a codec we cannot decode
+    │   ├── UnsupportedCodecError    a valid batch compressed with a codec we cannot decode
+    │   └── InvalidProducerBatchError  an idempotent batch (producerId >= 0) that is not alone
+    │                                in its append, or has a negative epoch or base sequence
     ├── CorruptLogError              a sealed segment holds a bad batch: the partition refuses
     │                                to open rather than cut acknowledged data (names file, byte)
     ├── LimitExceededError           a named limit was crossed (batch bytes, partitions, ...)
+    ├── OutOfOrderSequenceError      an idempotent batch whose base sequence is not the next
+    │                                one its producer id owes this partition (a gap, a stale
+    │                                resend, a new epoch not starting at 0); nothing appended
+    ├── ProducerFencedError          a batch from an epoch older than the partition has seen
+    ├── UnknownProducerError         a producer id with no state here (expired or never seen)
+    │                                sending a sequence other than 0: it must re-initialise
     ├── OffsetOutOfRangeError        an offset outside [log start offset, log end offset]
     ├── InvalidNameError             a topic name that is not [A-Za-z0-9._-]{1,249}
     ├── InvalidConfigError           a config key or value that is not allowed
@@ -43,8 +51,57 @@ class CorruptLogError(StorageError):
         self.reason = reason
 
 
+class InvalidProducerBatchError(CorruptBatchError):
+    """An idempotent batch that breaks the format's rules for producer fields (Kafka's
+    INVALID_RECORD for magic v2): not the only batch of its append, or a negative epoch or
+    base sequence."""
+
+
 class LimitExceededError(StorageError):
     """A named limit was crossed; the message names the limit and both numbers."""
+
+
+class OutOfOrderSequenceError(StorageError):
+    """The batch's base sequence is not the one expected from its producer id and epoch."""
+
+    def __init__(
+        self, producer_id: int, epoch: int, expected: int, received: int, why: str = ""
+    ) -> None:
+        super().__init__(
+            f"producer id {producer_id} epoch {epoch}: out of order sequence, expected "
+            f"{expected}, received {received}" + (f" ({why})" if why else "")
+        )
+        self.producer_id = producer_id
+        self.epoch = epoch
+        self.expected = expected
+        self.received = received
+
+
+class ProducerFencedError(StorageError):
+    """A batch from an older epoch than the newest this partition has seen for the id."""
+
+    def __init__(self, producer_id: int, epoch: int, current_epoch: int) -> None:
+        super().__init__(
+            f"producer id {producer_id} epoch {epoch} is fenced: this partition has seen "
+            f"epoch {current_epoch}"
+        )
+        self.producer_id = producer_id
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+
+
+class UnknownProducerError(StorageError):
+    """A producer id this partition holds no state for, with a sequence other than 0."""
+
+    def __init__(self, producer_id: int, epoch: int, received: int) -> None:
+        super().__init__(
+            f"producer id {producer_id} epoch {epoch} is unknown to this partition (its state "
+            f"expired or was never written) and sent sequence {received}, not 0: the producer "
+            "must re-initialise"
+        )
+        self.producer_id = producer_id
+        self.epoch = epoch
+        self.received = received
 
 
 class OffsetOutOfRangeError(StorageError):

@@ -3,11 +3,22 @@
     <dir>/00000000000000000000.log        segments, named by base offset
     <dir>/00000000000000000000.index      sparse offset index   (see _index.py)
     <dir>/00000000000000000000.timeindex  sparse time index
+    <dir>/00000000000000000000.snapshot   idempotent-producer state below that offset
+                                          (see _producers.py; the newest SNAPSHOTS_KEPT)
     <dir>/recovery-point                  offset below which every segment is whole on disk
     <dir>/.clean-shutdown                 present only while the log is closed cleanly
 
 Offsets are assigned here: `append` patches each batch's baseOffset (outside the CRC) and
 writes the batches with one positional write. Reads return whole batches as stored.
+
+Idempotent producers: a batch with producerId >= 0 must come alone; it is checked against
+the partition's producer state (`ProducerStates`) under the lock before it is written, and
+a resend of one of the id's last five batches appends nothing and answers with the
+original offsets (`AppendResult.duplicate`). The state is derived from the log: a snapshot
+of it is taken at every roll (written behind, after the sealed segment's fsync) and on a
+clean close; open loads the newest usable snapshot and replays only batch headers from its
+offset to the log end, after recovery has made its cuts. Retention does not touch the
+state; `expire_producers` drops ids idle for `producer_expiry_ms`.
 
 What survives a crash, per `LogConfig.fsync`:
   always    every acknowledged append (fsync before `append` returns);
@@ -35,6 +46,7 @@ import collections
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import threading
 from typing import NamedTuple
@@ -43,13 +55,24 @@ from ._batch import BatchHeader, split_batches
 from ._config import BATCH_BYTES_MAX_LIMIT, SEGMENT_BYTES_LIMIT, FsyncPolicy, LogConfig
 from ._errors import (
     CorruptBatchError,
+    CorruptLogError,
     DiskFullError,
+    InvalidProducerBatchError,
     LimitExceededError,
     LogClosedError,
     OffsetOutOfRangeError,
     StorageError,
 )
 from ._fs import TMP_SUFFIX, atomic_write, fsync_dir
+from ._producers import (
+    ProducerEntry,
+    ProducerStates,
+    SnapshotError,
+    encode_snapshot,
+    read_snapshot,
+    snapshot_name,
+    snapshot_offset,
+)
 from ._segment import (
     INDEX_SUFFIX,
     IOVECS_MAX,
@@ -71,15 +94,21 @@ BATCHES_PER_APPEND_MAX = IOVECS_MAX // 2
 APPEND_BYTES_MAX = BATCH_BYTES_MAX_LIMIT
 # Sealed segments whose fsync may lag behind the roll (fsync `never` / `interval`).
 SEALED_FLUSHES_PENDING_MAX = 4
+# Producer-state snapshots kept: the newest, and one to fall back on if it is damaged.
+SNAPSHOTS_KEPT = 2
 assert max(SEGMENT_BYTES_LIMIT, APPEND_BYTES_MAX) < 2**32
 
 
 class AppendResult(NamedTuple):
-    """Made once per append: a tuple costs a third of a frozen dataclass."""
+    """Made once per append: a tuple costs a third of a frozen dataclass.
+
+    `duplicate`: the batch was a resend of one already in the log; nothing was appended,
+    and the offsets and append time are the original batch's."""
 
     base_offset: int
     last_offset: int
     log_append_time_ms: int
+    duplicate: bool = False
 
 
 class PartitionLog:
@@ -95,8 +124,12 @@ class PartitionLog:
         # What recovery cut on open, for callers and tests; also logged.
         self.truncations: list[Truncation] = []
         self._recovery_point = 0
-        # Sealed segments waiting for their background fsync (see _flush_behind).
-        self._pending: collections.deque[tuple[Segment, int]] = collections.deque()
+        # Sealed segments waiting for their background fsync (see _flush_behind), each with
+        # the producer state as of its end, to snapshot once it is on disk.
+        self._pending: collections.deque[tuple[Segment, int, dict[int, ProducerEntry]]] = (
+            collections.deque()
+        )
+        self._producers = ProducerStates()
         self._flush_cv = threading.Condition()
         self._flusher: threading.Thread | None = None
         self._flush_error: BaseException | None = None
@@ -130,7 +163,18 @@ class PartitionLog:
         if not bases:
             self._append_segment(Segment.create(d, 0, self.config))
             self._write_recovery_point(0)
-            return
+        else:
+            self._open_segments(bases, clean)
+        try:
+            self._load_producers()
+        except BaseException:
+            for seg in self._segments:
+                seg.close()
+            raise
+
+    def _open_segments(self, bases: list[int], clean: bool) -> None:
+        """Open the segments at `bases`, scanning and cutting what a crash may have torn."""
+        d = self.directory
         checkpoint = None if clean else self._read_recovery_point()
         # Without a readable checkpoint nothing is known durable: scan all, cut nothing sealed.
         strict = not clean and checkpoint is None
@@ -188,6 +232,89 @@ class PartitionLog:
                 len(self._segments),
             )
 
+    def _load_producers(self) -> None:
+        """Producer state after recovery: the newest usable snapshot at or below the log end
+        offset, then the idempotent batches from there (or the log start) to the log end,
+        from their headers. Snapshots past the log end (recovery cut below them) and damaged
+        ones are deleted."""
+        d = self.directory
+        offsets = sorted(
+            (o for o in map(snapshot_offset, os.listdir(d)) if o is not None), reverse=True
+        )
+        end = self.log_end_offset
+        loaded: int | None = None
+        removed = False
+        for offset in offsets:
+            if offset > end:
+                log.warning(
+                    "deleting producer snapshot %s: offset %d is past the log end offset %d",
+                    snapshot_name(offset),
+                    offset,
+                    end,
+                )
+            else:
+                try:
+                    entries = read_snapshot(d, offset)
+                except (OSError, SnapshotError) as e:
+                    log.warning(
+                        "deleting damaged producer snapshot %s: %s", snapshot_name(offset), e
+                    )
+                else:
+                    self._producers = ProducerStates(entries)
+                    loaded = offset
+                    break
+            os.unlink(os.path.join(d, snapshot_name(offset)))
+            removed = True
+        if removed:  # an old snapshot must not come back after a power loss
+            fsync_dir(d)
+        start = self.log_start_offset if loaded is None else max(loaded, self.log_start_offset)
+        scanned = self._replay_producers(start)
+        if scanned:
+            log.info(
+                "producer state of %s: snapshot at %s, %d batch headers replayed from offset %d; "
+                "%d producer ids",
+                d,
+                loaded,
+                scanned,
+                start,
+                len(self._producers),
+            )
+
+    def _replay_producers(self, from_offset: int) -> int:
+        """Apply the idempotent batches from `from_offset` to the log end; headers only."""
+        if from_offset >= self.log_end_offset:
+            return 0
+        scanned = 0
+        first = bisect.bisect_right(self._bases, from_offset) - 1
+        for seg in self._segments[first:]:
+            if seg.size == 0:
+                continue
+            pos = 0
+            if from_offset > seg.base_offset:
+                pos = seg.offset_index.lookup(from_offset - seg.base_offset)[1]
+            with mmap.mmap(seg.fd, seg.size, access=mmap.ACCESS_READ) as mm:
+                try:
+                    scanned += self._producers.replay(mm, pos, seg.size, from_offset)
+                except CorruptBatchError as e:
+                    raise CorruptLogError(seg.log_path, pos, str(e)) from None
+        return scanned
+
+    def _write_snapshot(self, offset: int, entries: dict[int, ProducerEntry]) -> None:
+        """Write the producer state at `offset`, then delete all but the newest
+        SNAPSHOTS_KEPT. A failure is logged, not raised: the state can be rebuilt from the
+        log, a missing snapshot only makes the next open replay more of it."""
+        d = self.directory
+        try:
+            atomic_write(
+                os.path.join(d, snapshot_name(offset)), encode_snapshot(offset, entries.values())
+            )
+            offsets = sorted(o for o in map(snapshot_offset, os.listdir(d)) if o is not None)
+            # No directory fsync: an old snapshot that comes back is still true of the log.
+            for old in offsets[:-SNAPSHOTS_KEPT]:
+                os.unlink(os.path.join(d, snapshot_name(old)))
+        except (OSError, StorageError) as e:
+            log.error("producer snapshot of %s at offset %d failed: %s", d, offset, e)
+
     def _drop_after(self, cut: Truncation, later: list[int]) -> Truncation:
         """A cut in a sealed segment ends the log there: delete the segments after it."""
         if not later:
@@ -218,9 +345,9 @@ class PartitionLog:
         atomic_write(os.path.join(self.directory, RECOVERY_POINT_FILE), f"{offset}\n".encode())
         self._recovery_point = offset
 
-    def _flush_behind(self, seg: Segment, upto: int) -> None:
+    def _flush_behind(self, seg: Segment, upto: int, producers: dict[int, ProducerEntry]) -> None:
         """Queue a sealed segment's fsync for a helper thread; it then moves the recovery
-        point to `upto`.
+        point to `upto` and writes the snapshot of `producers` (the state at `upto`).
 
         The append that rolled does not wait for the disk (Kafka also flushes on roll in the
         background). At most SEALED_FLUSHES_PENDING_MAX segments wait to be flushed, which
@@ -230,7 +357,7 @@ class PartitionLog:
         with self._flush_cv:
             while len(self._pending) >= SEALED_FLUSHES_PENDING_MAX and self._flush_error is None:
                 self._flush_cv.wait()
-            self._pending.append((seg, upto))
+            self._pending.append((seg, upto, producers))
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._flush_worker, name="riverlog-seal-flush", daemon=True
@@ -245,10 +372,12 @@ class PartitionLog:
                     self._flusher = None
                     self._flush_cv.notify_all()
                     return
-                seg, upto = self._pending[0]  # stays queued (and counted) while in flight
+                # stays queued (and counted) while in flight
+                seg, upto, producers = self._pending[0]
             try:
                 seg.flush()
                 self._write_recovery_point(upto)
+                self._write_snapshot(upto, producers)
             except BaseException as e:  # reported to the next caller of the log
                 log.error("background fsync of %s failed: %s", seg.log_path, e)
                 with self._flush_cv:
@@ -288,17 +417,51 @@ class PartitionLog:
     def segment_count(self) -> int:
         return len(self._segments)
 
+    @property
+    def producer_count(self) -> int:
+        """Producer ids with idempotence state in this partition."""
+        return len(self._producers)
+
+    def producer_state(self, producer_id: int) -> ProducerEntry | None:
+        """A read-only snapshot of one producer id's state; None if it has none here."""
+        with self._lock:
+            self._check_open()
+            return self._producers.get(producer_id)
+
+    def expire_producers(self, now_ms: int) -> int:
+        """Drop the state of producer ids without an append for `producer_expiry_ms`;
+        returns how many. Ids rebuilt from the log on open count as seen at the first call."""
+        with self._lock:
+            self._check_open()
+            expired = self._producers.expire(now_ms, self.config.producer_expiry_ms)
+        if expired:
+            log.info("expired %d producer id(s) of %s", expired, self.directory)
+        return expired
+
     # ------------------------------------------------------------------ append
-    def append(self, payload: bytes | bytearray | memoryview, now_ms: int) -> AppendResult:
+    def append(
+        self,
+        payload: bytes | bytearray | memoryview,
+        now_ms: int,
+        headers: list[BatchHeader] | None = None,
+    ) -> AppendResult:
         """Validate and append one or more back-to-back batches; offsets are assigned here.
 
-        Raises CorruptBatchError (nothing appended) for bytes that are not valid batches,
-        LimitExceededError for a batch over `batch_bytes_max`, DiskFullError when the disk
-        is full (nothing appended). With fsync `always` the batches are on stable storage
-        when this returns.
+        `headers`: what `check(payload)` returned for these very bytes, if the caller has
+        already checked them (they are then not split and checked again).
+
+        Raises CorruptBatchError (nothing appended) for bytes that are not valid batches
+        (InvalidProducerBatchError for an idempotent batch that is not alone),
+        LimitExceededError for a batch over `batch_bytes_max` or a new producer id past
+        `producers_max`, DiskFullError when the disk is full (nothing appended), and for an
+        idempotent batch ProducerFencedError, OutOfOrderSequenceError or
+        UnknownProducerError (nothing appended). A resend of a batch already appended
+        returns the original's offsets with `duplicate` set. With fsync `always` the
+        batches are on stable storage when this returns.
         """
         view = memoryview(payload)
-        headers = self.check(view)
+        if headers is None:
+            headers = self.check(view)
         with self._lock:
             self._check_open()
             return self._append_locked(view, headers, now_ms)
@@ -321,6 +484,8 @@ class PartitionLog:
                 raise LimitExceededError(
                     f"batch of {header.size} bytes exceeds batch_bytes_max {limit}"
                 )
+            if header[9] >= 0:  # producerId: an idempotent batch
+                _check_producer_fields(header, len(headers))
         return headers
 
     def _append_locked(
@@ -328,16 +493,26 @@ class PartitionLog:
     ) -> AppendResult:
         active = self._segments[-1]
         base = active.next_offset
-        # Header fields by index (6 lastOffsetDelta, 8 maxTimestamp): this runs per append.
+        # Header fields by index (6 lastOffsetDelta, 8 maxTimestamp, 9 producerId): this
+        # runs per append. `check` saw to it that an idempotent batch comes alone.
         if len(headers) == 1:
-            last = base + headers[0][6]
-            newest_ms = headers[0][8]
+            header = headers[0]
+            last = base + header[6]
+            newest_ms = header[8]
+            producer_id = header[9]
+            if producer_id >= 0:
+                original = self._producers.check(header, self.config.producers_max)
+                if original is not None:
+                    return AppendResult(original[2], original[3], original[4], True)
         else:
             last = base + sum(h[6] + 1 for h in headers) - 1
             newest_ms = max(h[8] for h in headers)
+            producer_id = -1
         if active.sealed or not active.room_for(len(view), last) or self._aged(active, newest_ms):
             active = self._roll_locked()
         active.append(view, headers)
+        if producer_id >= 0:  # in the log now, even if an fsync below fails
+            self._producers.update(headers[0], base, now_ms)
         self._dirty = True
         policy = self.config.fsync
         if policy == FsyncPolicy.ALWAYS:
@@ -385,10 +560,12 @@ class PartitionLog:
             raise StorageError(f"rolling {self.directory} failed: {e}") from e
         self._append_segment(new)
         fsync_dir(self.directory)
+        producers = self._producers.copy()  # the state at new.base_offset
         if self.config.fsync == FsyncPolicy.ALWAYS:
             self._write_recovery_point(new.base_offset)  # every append was fsynced already
+            self._write_snapshot(new.base_offset, producers)
         else:
-            self._flush_behind(old, new.base_offset)
+            self._flush_behind(old, new.base_offset, producers)
         return new
 
     # ------------------------------------------------------------------ read
@@ -537,6 +714,7 @@ class PartitionLog:
             for seg in self._segments:
                 seg.close(clean=True)
             self._write_recovery_point(self.log_end_offset)
+            self._write_snapshot(self.log_end_offset, self._producers.copy())
             atomic_write(os.path.join(self.directory, CLEAN_SHUTDOWN_FILE), b"")
 
     def abandon(self) -> None:
@@ -562,6 +740,26 @@ class PartitionLog:
         return (
             f"PartitionLog({self.directory!r}, offsets [{self.log_start_offset}, "
             f"{self.log_end_offset}), {len(self._segments)} segments)"
+        )
+
+
+def _check_producer_fields(header: BatchHeader, batches: int) -> None:
+    """An idempotent batch must be the only one of its append (Kafka's rule for magic 2)
+    and carry a non-negative epoch and base sequence."""
+    producer_id, epoch, base_sequence = header[9], header[10], header[11]
+    if batches != 1:
+        raise InvalidProducerBatchError(
+            f"a batch of producer id {producer_id} is one of {batches} batches in one append; "
+            "an idempotent batch must be appended alone"
+        )
+    if epoch < 0:
+        raise InvalidProducerBatchError(
+            f"producer id {producer_id} sent epoch {epoch}; an idempotent batch needs an epoch >= 0"
+        )
+    if base_sequence < 0:
+        raise InvalidProducerBatchError(
+            f"producer id {producer_id} epoch {epoch} sent base sequence {base_sequence}; "
+            "an idempotent batch needs a base sequence >= 0"
         )
 
 
