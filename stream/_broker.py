@@ -37,6 +37,7 @@ from storage import (
 )
 
 from ._partitioner import partition_for_key
+from ._producer_ids import NAME_EXPIRY_MS_DEFAULT, ProducerIds
 
 log = logging.getLogger("riverlog.broker")
 
@@ -88,6 +89,8 @@ class BrokerConfig:
     # How often the background worker applies retention (and fsync `interval`).
     retention_check_interval_ms: int = 60_000
     subscribers_max: int = SUBSCRIBERS_MAX
+    # Named producers unused this long are forgotten (see _producer_ids.py).
+    producer_name_expiry_ms: int = NAME_EXPIRY_MS_DEFAULT
 
 
 def wall_clock_ms() -> int:
@@ -209,6 +212,9 @@ class Broker:
         self._clock_ms = clock_ms
         self._lock = threading.RLock()
         self._catalog = Catalog.open(config.data_dir)
+        self._producer_ids = ProducerIds(
+            config.data_dir, clock_ms, name_expiry_ms=config.producer_name_expiry_ms
+        )
         # Replaced whole (never mutated) under the lock, so readers need no lock.
         self._topics: dict[str, _Topic] = {}
         self._closing = False
@@ -333,18 +339,32 @@ class Broker:
     def produce(
         self, topic: str, partition: int, payload: bytes, *, durable: bool = False
     ) -> AppendResult:
-        """Append client-encoded batches. `durable`: fsync before returning (acks ALL)."""
+        """Append client-encoded batches. `durable`: fsync before returning (acks ALL).
+
+        Idempotent batches (producer id >= 0) must carry an id this broker handed out, at its
+        current epoch; a resent one is not appended again (`AppendResult.duplicate`).
+        """
         self._check_running()
         t = self._topic_for_produce(topic)
         if not 0 <= partition < len(t.partitions):
             raise UnknownPartitionError(topic, partition, len(t.partitions))
         p = t.partitions[partition]
         now_ms = self._clock_ms()
-        result = p.log.append(payload, now_ms)
+        headers = p.log.check(payload)
+        for header in headers:  # per batch
+            if header.producer_id >= 0:
+                self._producer_ids.check(header.producer_id, header.producer_epoch, now_ms)
+        result = p.log.append(payload, now_ms, headers=headers)
         if durable:
             p.log.flush(now_ms)
-        p.notify()
+        if not result.duplicate:
+            p.notify()
         return result
+
+    def init_producer(self, name: str = "") -> tuple[int, int]:
+        """A producer id and epoch for idempotent produce (see _producer_ids.py)."""
+        self._check_running()
+        return self._producer_ids.init(name)
 
     def check_produce(self, topic: str, partition: int | None, payload: bytes = b"") -> None:
         """Raise what `produce` would raise for this input (unknown topic or partition, corrupt
@@ -629,10 +649,16 @@ class Broker:
 
     # ------------------------------------------------------------------ background work
     def tick(self) -> None:
-        """Periodic work: retention, and fsync for logs with the `interval` policy."""
+        """Periodic work: retention, fsync for logs with the `interval` policy, and expiry
+        of idle producer ids."""
         self._each_log(
-            lambda plog, now_ms: (plog.apply_retention(now_ms), plog.flush_if_due(now_ms))
+            lambda plog, now_ms: (
+                plog.apply_retention(now_ms),
+                plog.expire_producers(now_ms),
+                plog.flush_if_due(now_ms),
+            )
         )
+        self._producer_ids.expire(self._clock_ms())
 
     def flush_due(self) -> None:
         """fsync the logs whose `interval` has passed."""

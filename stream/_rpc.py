@@ -10,8 +10,9 @@ StorageError subclass; `status_for` maps them, and nothing else reaches the clie
     ALREADY_EXISTS       creating a topic that exists
     OUT_OF_RANGE         an offset outside [log start offset, log end offset]
     RESOURCE_EXHAUSTED   batch or request over a limit, disk full, too many streams
-    FAILED_PRECONDITION  unknown group member (rejoin); group not empty (delete, reset)
-    ABORTED              stale member epoch (heartbeat, then retry)
+    FAILED_PRECONDITION  unknown group member (rejoin); group not empty (delete, reset);
+                         idempotent batch out of sequence or from an unknown producer id
+    ABORTED              stale member epoch (heartbeat, then retry); fenced producer epoch
     PERMISSION_DENIED    commit or fetch for a partition the member does not own
     UNAVAILABLE          the broker is shutting down
     INTERNAL             a corrupt log or an unexpected failure (logged with its traceback)
@@ -35,13 +36,17 @@ from storage import (
     LimitExceededError,
     LogClosedError,
     OffsetOutOfRangeError,
+    OutOfOrderSequenceError,
+    ProducerFencedError,
     StorageError,
     TopicExistsError,
+    UnknownProducerError,
     UnknownTopicError,
 )
 
 from ._broker import InvalidRequestError, ShuttingDownError
 from ._pb import types_pb2
+from ._producer_ids import InvalidProducerNameError
 from .groups._coordinator import (
     FencedMemberError,
     GroupNotEmptyError,
@@ -58,6 +63,10 @@ _STATUS: list[tuple[type[StorageError], grpc.StatusCode]] = [
     (FencedMemberError, grpc.StatusCode.ABORTED),
     (NotOwnedError, grpc.StatusCode.PERMISSION_DENIED),
     (GroupNotEmptyError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OutOfOrderSequenceError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownProducerError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ProducerFencedError, grpc.StatusCode.ABORTED),
+    (InvalidProducerNameError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownTopicError, grpc.StatusCode.NOT_FOUND),
     (TopicExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (OffsetOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
@@ -82,11 +91,13 @@ def status_for(error: StorageError) -> grpc.StatusCode:
 def partition_error(error: StorageError | None) -> types_pb2.PartitionError | None:
     if error is None:
         return None
-    return types_pb2.PartitionError(code=status_for(error).value[0], message=str(error))
+    return types_pb2.PartitionError(
+        code=status_for(error).value[0], message=str(error), name=error_name(error)
+    )
 
 
-# Group-protocol errors also name themselves in the trailing metadata, since two of them
-# share FAILED_PRECONDITION (see proto/riverlog/v1/groups.proto).
+# Errors that share a status also name themselves: in the trailing metadata of a failed call,
+# and in PartitionError.name (see proto/riverlog/v1/groups.proto and broker.proto).
 ERROR_METADATA_KEY = "riverlog-error"
 _ERROR_NAMES: list[tuple[type[StorageError], str]] = [
     (UnknownGroupError, "UNKNOWN_GROUP"),
@@ -94,14 +105,23 @@ _ERROR_NAMES: list[tuple[type[StorageError], str]] = [
     (FencedMemberError, "FENCED_MEMBER"),
     (NotOwnedError, "NOT_OWNED"),
     (GroupNotEmptyError, "GROUP_NOT_EMPTY"),
+    (OutOfOrderSequenceError, "OUT_OF_ORDER_SEQUENCE"),
+    (UnknownProducerError, "UNKNOWN_PRODUCER"),
+    (ProducerFencedError, "PRODUCER_FENCED"),
 ]
 
 
-def abort_with(context: grpc.ServicerContext, error: StorageError) -> NoReturn:
+def error_name(error: StorageError) -> str:
     for kind, name in _ERROR_NAMES:
         if isinstance(error, kind):
-            context.set_trailing_metadata(((ERROR_METADATA_KEY, name),))
-            break
+            return name
+    return ""
+
+
+def abort_with(context: grpc.ServicerContext, error: StorageError) -> NoReturn:
+    name = error_name(error)
+    if name:
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, name),))
     code = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error: %s", error, exc_info=error)

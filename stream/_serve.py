@@ -22,6 +22,7 @@ import grpc
 from storage import InvalidConfigError, LogConfig
 
 from ._broker import SUBSCRIBERS_MAX, Broker, BrokerConfig, wall_clock_ms
+from ._producer_ids import NAME_EXPIRY_MS_DEFAULT
 from ._groups import GroupManager
 from ._server import WORKERS_DEFAULT, build_server
 from .groups._offsets import OffsetStore
@@ -54,6 +55,8 @@ _BROKER_KEYS = {
     "retention_check_interval_ms",
     "workers",
     "shutdown_grace_s",
+    "subscribers_max",
+    "producer_name_expiry_ms",
 }
 
 
@@ -63,7 +66,8 @@ def load_config(
     """Settings: built-in defaults, then the TOML file's [broker] and [log] tables, then flags.
 
     [broker]: data_dir, listen, auto_create_topics, auto_create_partitions,
-              retention_check_interval_ms, workers, shutdown_grace_s, subscribers_max
+              retention_check_interval_ms, workers, shutdown_grace_s, subscribers_max,
+              producer_name_expiry_ms
     [log]:    any LogConfig field, as broker-wide defaults for every topic
     """
     broker_table: dict[str, Any] = {}
@@ -96,6 +100,9 @@ def load_config(
         auto_create_partitions=int(broker_table.get("auto_create_partitions", 1)),
         retention_check_interval_ms=int(broker_table.get("retention_check_interval_ms", 60_000)),
         subscribers_max=int(broker_table.get("subscribers_max", SUBSCRIBERS_MAX)),
+        producer_name_expiry_ms=int(
+            broker_table.get("producer_name_expiry_ms", NAME_EXPIRY_MS_DEFAULT)
+        ),
     )
     workers = int(broker_table.get("workers", WORKERS_DEFAULT))
     if not 4 <= workers <= 1024:

@@ -66,7 +66,15 @@ class BrokerService:
         self.broker = broker
         self.groups = groups
 
-    def _produce(self, request: broker_pb2.ProduceRequest) -> broker_pb2.ProduceResponse:
+    def _produce(self, request: broker_pb2.ProduceRequest) -> list[ProduceResult]:
+        """Append every entry; one result per appended (topic, partition), in request order.
+
+        A malformed request, or (with several entries) an entry that fails validation,
+        raises and appends nothing; failures of single appends (sequence, fencing) are
+        per-entry results.
+        """
+        if not request.partitions:
+            raise InvalidRequestError("produce request names no partitions")
         durable = request.acks == broker_pb2.ACKS_ALL
         # Each access to a protobuf bytes field copies it (34 us per MiB): read batches once.
         entries = [
@@ -105,9 +113,12 @@ class BrokerService:
                     )
             except StorageError as e:
                 results.append(ProduceResult(topic, partition or 0, error=e))
-        errors = [r.error for r in results if r.error is not None]
-        if results and len(errors) == len(results):
-            raise errors[0]
+        return results
+
+    @staticmethod
+    def _answer(
+        request: broker_pb2.ProduceRequest, results: list[ProduceResult]
+    ) -> broker_pb2.ProduceResponse:
         no_offsets = request.acks == broker_pb2.ACKS_NONE
         return broker_pb2.ProduceResponse(
             correlation_id=request.correlation_id,
@@ -119,6 +130,7 @@ class BrokerService:
                     last_offset=-1 if r.result is None or no_offsets else r.result.last_offset,
                     log_append_time_ms=0 if r.result is None else r.result.log_append_time_ms,
                     error=partition_error(r.error),
+                    duplicate=r.result is not None and r.result.duplicate,
                 )
                 for r in results
             ],
@@ -127,9 +139,11 @@ class BrokerService:
     @guarded
     def Produce(self, raw: bytes, context: grpc.ServicerContext) -> broker_pb2.ProduceResponse:
         request = parse(broker_pb2.ProduceRequest, raw, context)
-        if not request.partitions:
-            raise InvalidRequestError("produce request names no partitions")
-        return self._produce(request)
+        results = self._produce(request)
+        errors = [r.error for r in results if r.error is not None]
+        if results and len(errors) == len(results):
+            raise errors[0]  # every entry failed: the call fails with the first one's status
+        return self._answer(request, results)
 
     @guarded_stream
     def ProduceStream(
@@ -138,11 +152,9 @@ class BrokerService:
         for raw in raws:
             request = parse(broker_pb2.ProduceRequest, raw, context)
             try:
-                if not request.partitions:
-                    raise InvalidRequestError("produce request names no partitions")
-                response = self._produce(request)
+                response = self._answer(request, self._produce(request))
             except StorageError as e:
-                # Answer this request with its error; the stream stays open.
+                # Refused whole: answer this request with its error; the stream stays open.
                 response = broker_pb2.ProduceResponse(
                     correlation_id=request.correlation_id,
                     results=[
@@ -159,6 +171,14 @@ class BrokerService:
                 )
             if request.acks != broker_pb2.ACKS_NONE:
                 yield response
+
+    @guarded
+    def InitProducer(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> broker_pb2.InitProducerResponse:
+        request = parse(broker_pb2.InitProducerRequest, raw, context)
+        producer_id, epoch = self.broker.init_producer(request.producer_name)
+        return broker_pb2.InitProducerResponse(producer_id=producer_id, producer_epoch=epoch)
 
     @guarded
     def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -384,6 +404,7 @@ def build_server(
                     "Fetch": ("unary", None),  # encoded by the handler
                     "Subscribe": ("server_stream", None),  # encoded by the handler
                     "ListOffsets": ("unary", broker_pb2.ListOffsetsResponse),
+                    "InitProducer": ("unary", broker_pb2.InitProducerResponse),
                 },
             ),
             method_handlers(

@@ -91,6 +91,8 @@ _LOG_FLAGS = [
     ("--retention-ms", "retention_ms"),
     ("--index-interval-bytes", "index_interval_bytes"),
     ("--batch-bytes-max", "batch_bytes_max"),
+    ("--producer-expiry-ms", "producer_expiry_ms"),
+    ("--producers-max", "producers_max"),
 ]
 # The demo writes in batches of this many records, as a producer would.
 DEMO_BATCH_RECORDS = 1000

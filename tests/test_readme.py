@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stream._serve import RunningBroker
+from stream._serve import RunningBroker, load_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
@@ -31,3 +31,13 @@ def test_readme_example_runs(index: int, running_broker: RunningBroker, tmp_path
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_config_file_loads(tmp_path: Path) -> None:
+    """The README's TOML example is a valid config file, every key of it."""
+    (block,) = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
+    path = tmp_path / "riverlog.toml"
+    path.write_text(block)
+    config = load_config(str(path), {}, {})
+    assert config.broker.subscribers_max == 48
+    assert config.workers == 64

@@ -60,6 +60,52 @@ so "all replicas" is this node's disk.
 Global___Acks: _TypeAlias = Acks  # noqa: Y015
 
 @_typing.final
+class InitProducerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCER_NAME_FIELD_NUMBER: _builtins.int
+    producer_name: _builtins.str
+    """Empty: a new producer id at epoch 0. Set: a stable name for one logical producer (at
+    most 249 characters of [A-Za-z0-9._-]). The name keeps its producer id across calls and
+    every call bumps its epoch, so a previous instance of the producer (a zombie) is fenced:
+    its batches are refused with PRODUCER_FENCED on every partition.
+    """
+    def __init__(
+        self,
+        *,
+        producer_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer_name", b"producer_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitProducerRequest: _TypeAlias = InitProducerRequest  # noqa: Y015
+
+@_typing.final
+class InitProducerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCER_ID_FIELD_NUMBER: _builtins.int
+    PRODUCER_EPOCH_FIELD_NUMBER: _builtins.int
+    producer_id: _builtins.int
+    producer_epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        producer_id: _builtins.int = ...,
+        producer_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer_epoch", b"producer_epoch", "producer_id", b"producer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitProducerResponse: _TypeAlias = InitProducerResponse  # noqa: Y015
+
+@_typing.final
 class PartitionProduce(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -138,6 +184,7 @@ class PartitionProduceResult(_message.Message):
     LAST_OFFSET_FIELD_NUMBER: _builtins.int
     LOG_APPEND_TIME_MS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     partition: _builtins.int
     base_offset: _builtins.int
@@ -145,6 +192,10 @@ class PartitionProduceResult(_message.Message):
     last_offset: _builtins.int
     log_append_time_ms: _builtins.int
     """The broker's clock when it appended (ms since the Unix epoch)."""
+    duplicate: _builtins.bool
+    """The entry was an idempotent batch already appended (a retry): nothing was appended, and
+    the offsets and time are the original append's.
+    """
     @_builtins.property
     def error(self) -> _types_pb2.PartitionError: ...
     def __init__(
@@ -156,10 +207,11 @@ class PartitionProduceResult(_message.Message):
         last_offset: _builtins.int = ...,
         log_append_time_ms: _builtins.int = ...,
         error: _types_pb2.PartitionError | None = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_offset", b"base_offset", "error", b"error", "last_offset", b"last_offset", "log_append_time_ms", b"log_append_time_ms", "partition", b"partition", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_offset", b"base_offset", "duplicate", b"duplicate", "error", b"error", "last_offset", b"last_offset", "log_append_time_ms", b"log_append_time_ms", "partition", b"partition", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,6 +60,11 @@ class BrokerStub:
                 request_serializer=riverlog_dot_v1_dot_broker__pb2.ListOffsetsRequest.SerializeToString,
                 response_deserializer=riverlog_dot_v1_dot_broker__pb2.ListOffsetsResponse.FromString,
                 _registered_method=True)
+        self.InitProducer = channel.unary_unary(
+                '/riverlog.v1.Broker/InitProducer',
+                request_serializer=riverlog_dot_v1_dot_broker__pb2.InitProducerRequest.SerializeToString,
+                response_deserializer=riverlog_dot_v1_dot_broker__pb2.InitProducerResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -105,6 +110,20 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitProducer(self, request, context):
+        """A producer id and epoch for idempotent produce. Batches that carry them (producerId,
+        producerEpoch, baseSequence in the RecordBatch v2 header) are appended at most once:
+        per (producer id, partition) the broker remembers the last 5 batches; a resent one is
+        answered with its original offsets (`duplicate` set) and not appended again, a batch
+        whose base sequence is not the next one is refused (OUT_OF_ORDER_SEQUENCE), one from an
+        older epoch is fenced (PRODUCER_FENCED). An idempotent batch must be the only batch of
+        its entry. Producer state survives restarts; ids idle past `producer_expiry_ms` are
+        forgotten (the next batch, unless it starts at sequence 0, gets UNKNOWN_PRODUCER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +151,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ListOffsets,
                     request_deserializer=riverlog_dot_v1_dot_broker__pb2.ListOffsetsRequest.FromString,
                     response_serializer=riverlog_dot_v1_dot_broker__pb2.ListOffsetsResponse.SerializeToString,
+            ),
+            'InitProducer': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitProducer,
+                    request_deserializer=riverlog_dot_v1_dot_broker__pb2.InitProducerRequest.FromString,
+                    response_serializer=riverlog_dot_v1_dot_broker__pb2.InitProducerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +293,33 @@ class Broker:
             '/riverlog.v1.Broker/ListOffsets',
             riverlog_dot_v1_dot_broker__pb2.ListOffsetsRequest.SerializeToString,
             riverlog_dot_v1_dot_broker__pb2.ListOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitProducer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riverlog.v1.Broker/InitProducer',
+            riverlog_dot_v1_dot_broker__pb2.InitProducerRequest.SerializeToString,
+            riverlog_dot_v1_dot_broker__pb2.InitProducerResponse.FromString,
             options,
             channel_credentials,
             insecure,

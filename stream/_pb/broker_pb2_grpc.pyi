@@ -58,6 +58,16 @@ class BrokerStub:
     """
     ListOffsets: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListOffsetsRequest, _broker_pb2.ListOffsetsResponse]
     """Earliest, latest, or first offset at or after a timestamp, per partition."""
+    InitProducer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.InitProducerRequest, _broker_pb2.InitProducerResponse]
+    """A producer id and epoch for idempotent produce. Batches that carry them (producerId,
+    producerEpoch, baseSequence in the RecordBatch v2 header) are appended at most once:
+    per (producer id, partition) the broker remembers the last 5 batches; a resent one is
+    answered with its original offsets (`duplicate` set) and not appended again, a batch
+    whose base sequence is not the next one is refused (OUT_OF_ORDER_SEQUENCE), one from an
+    older epoch is fenced (PRODUCER_FENCED). An idempotent batch must be the only batch of
+    its entry. Producer state survives restarts; ids idle past `producer_expiry_ms` are
+    forgotten (the next batch, unless it starts at sequence 0, gets UNKNOWN_PRODUCER).
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -81,6 +91,16 @@ class BrokerAsyncStub(BrokerStub):
     """
     ListOffsets: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListOffsetsRequest, _broker_pb2.ListOffsetsResponse]  # type: ignore[assignment]
     """Earliest, latest, or first offset at or after a timestamp, per partition."""
+    InitProducer: _aio.UnaryUnaryMultiCallable[_broker_pb2.InitProducerRequest, _broker_pb2.InitProducerResponse]  # type: ignore[assignment]
+    """A producer id and epoch for idempotent produce. Batches that carry them (producerId,
+    producerEpoch, baseSequence in the RecordBatch v2 header) are appended at most once:
+    per (producer id, partition) the broker remembers the last 5 batches; a resent one is
+    answered with its original offsets (`duplicate` set) and not appended again, a batch
+    whose base sequence is not the next one is refused (OUT_OF_ORDER_SEQUENCE), one from an
+    older epoch is fenced (PRODUCER_FENCED). An idempotent batch must be the only batch of
+    its entry. Producer state survives restarts; ids idle past `producer_expiry_ms` are
+    forgotten (the next batch, unless it starts at sequence 0, gets UNKNOWN_PRODUCER).
+    """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -131,5 +151,21 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ListOffsetsResponse, _abc.Awaitable[_broker_pb2.ListOffsetsResponse]]:
         """Earliest, latest, or first offset at or after a timestamp, per partition."""
+
+    @_abc_1.abstractmethod
+    def InitProducer(
+        self,
+        request: _broker_pb2.InitProducerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.InitProducerResponse, _abc.Awaitable[_broker_pb2.InitProducerResponse]]:
+        """A producer id and epoch for idempotent produce. Batches that carry them (producerId,
+        producerEpoch, baseSequence in the RecordBatch v2 header) are appended at most once:
+        per (producer id, partition) the broker remembers the last 5 batches; a resent one is
+        answered with its original offsets (`duplicate` set) and not appended again, a batch
+        whose base sequence is not the next one is refused (OUT_OF_ORDER_SEQUENCE), one from an
+        older epoch is fenced (PRODUCER_FENCED). An idempotent batch must be the only batch of
+        its entry. Producer state survives restarts; ids idle past `producer_expiry_ms` are
+        forgotten (the next batch, unless it starts at sequence 0, gets UNKNOWN_PRODUCER).
+        """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -102,20 +102,27 @@ class PartitionError(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A gRPC status code number (3 INVALID_ARGUMENT, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED,
     11 OUT_OF_RANGE, 14 UNAVAILABLE, 13 INTERNAL); 0 means no error.
     """
     message: _builtins.str
+    name: _builtins.str
+    """The broker's name for errors that share a code (idempotent produce, see broker.proto):
+    OUT_OF_ORDER_SEQUENCE, UNKNOWN_PRODUCER (FAILED_PRECONDITION), PRODUCER_FENCED (ABORTED).
+    Empty otherwise.
+    """
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
