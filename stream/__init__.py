@@ -25,12 +25,16 @@ from .client._base import (
     InvalidArgumentError,
     NotFoundError,
     OffsetOutOfRangeError,
+    OutOfOrderSequenceError,
+    ProducerError,
+    ProducerFencedError,
     Record,
     RecordMetadata,
     ResourceExhaustedError,
     RiverlogError,
     TopicPartition,
     UnavailableError,
+    UnknownProducerError,
 )
 from .client._consumer import Consumer
 from .client._producer import Producer
@@ -51,9 +55,12 @@ __all__ = [
     "OffsetInfo",
     "OffsetOutOfRangeError",
     "OffsetSpec",
+    "OutOfOrderSequenceError",
     "PartitionInfo",
     "PartitionLag",
     "Producer",
+    "ProducerError",
+    "ProducerFencedError",
     "Record",
     "RecordMetadata",
     "ResourceExhaustedError",
@@ -61,4 +68,5 @@ __all__ = [
     "TopicInfo",
     "TopicPartition",
     "UnavailableError",
+    "UnknownProducerError",
 ]

@@ -329,8 +329,9 @@ def test_request_refused_whole_is_split_to_find_the_bad_batch(
 
 # ---------------------------------------------------------------------------- fake servers
 class FakeBroker:
-    """A gRPC server with DescribeTopic (one partition) and a ProduceStream that does what the
-    test's `answer` says: return a response, None for no answer, or raise to end the stream."""
+    """A gRPC server with DescribeTopic (one partition), InitProducer (producer id 1) and a
+    ProduceStream that does what the test's `answer` says: return a response, None for no
+    answer, or raise to end the stream."""
 
     def __init__(
         self,
@@ -360,7 +361,14 @@ class FakeBroker:
                             self._produce_stream,
                             request_deserializer=broker_pb2.ProduceRequest.FromString,
                             response_serializer=broker_pb2.ProduceResponse.SerializeToString,
-                        )
+                        ),
+                        "InitProducer": grpc.unary_unary_rpc_method_handler(
+                            lambda request, context: broker_pb2.InitProducerResponse(
+                                producer_id=1, producer_epoch=0
+                            ),
+                            request_deserializer=broker_pb2.InitProducerRequest.FromString,
+                            response_serializer=broker_pb2.InitProducerResponse.SerializeToString,
+                        ),
                     },
                 ),
             )

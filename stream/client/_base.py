@@ -148,6 +148,29 @@ class BufferFullError(RiverlogError):
     pass
 
 
+class ProducerError(RiverlogError):
+    """An idempotent-produce refusal; `name` says which (the classes below)."""
+
+
+class OutOfOrderSequenceError(ProducerError):
+    """The broker expected another sequence number: a batch before this one was lost."""
+
+
+class UnknownProducerError(ProducerError):
+    """The broker has no state for the producer id (it expired, or was never handed out)."""
+
+
+class ProducerFencedError(ProducerError):
+    """A newer instance of this named producer started: this one may no longer write."""
+
+
+_BY_NAME: dict[str, type[RiverlogError]] = {
+    "OUT_OF_ORDER_SEQUENCE": OutOfOrderSequenceError,
+    "UNKNOWN_PRODUCER": UnknownProducerError,
+    "PRODUCER_FENCED": ProducerFencedError,
+}
+
+
 _BY_CODE: dict[grpc.StatusCode, type[RiverlogError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -174,16 +197,17 @@ def from_rpc_error(error: grpc.RpcError) -> RiverlogError:
             name = str(value)
     if code == grpc.StatusCode.NOT_FOUND and name == "UNKNOWN_GROUP":
         return GroupError(details, code=code, name=name)
-    kind = _BY_CODE.get(code, RiverlogError)
+    kind = _BY_NAME.get(name) or _BY_CODE.get(code, RiverlogError)
     return kind(details, code=code, name=name)
 
 
-def from_partition_error(code: int, message: str) -> RiverlogError:
+def from_partition_error(code: int, message: str, name: str = "") -> RiverlogError:
     """The client error for a per-partition error in an answer (PartitionError)."""
     for status in grpc.StatusCode:
         if status.value[0] == code:
-            return _BY_CODE.get(status, RiverlogError)(message, code=status)
-    return RiverlogError(message)
+            kind = _BY_NAME.get(name) or _BY_CODE.get(status, RiverlogError)
+            return kind(message, code=status, name=name)
+    return RiverlogError(message, name=name)
 
 
 # ---------------------------------------------------------------------------- plumbing

@@ -45,11 +45,36 @@ request is sent again one batch per request, to find the bad one). Retriable fai
 broken or timed-out stream, UNAVAILABLE) are retried with exponential backoff from
 `retry_backoff_ms`: every unanswered request is written again, in order, on a new stream, up
 to `retries` times; after `retries` consecutive stream failures everything waiting fails with
-the last error. Without the idempotent producer (a later issue) a retry after a lost answer
-may append a batch twice: delivery is at-least-once. Order within a partition is kept across
-stream failures (unanswered requests are resent in their order, before anything newer); a
-batch retried after a per-partition UNAVAILABLE answer may land after a newer batch of its
-partition that was already in flight. Cancelling a record's future does not withdraw it.
+the last error. Retries are queued by the order of the batches' first request, so a
+partition's batches are resent in their order. Cancelling a record's future does not
+withdraw it.
+
+Idempotence (the default unless acks is "none"). Before its first batch the producer asks the
+broker for a producer id and epoch (InitProducer; with `producer_name`, the name's id at a
+new epoch, which fences an older instance). Every batch carries them and a base sequence
+number that counts the partition's records from 0 (wrapping after 2**31 - 1). The bytes of a
+batch are encoded once, so every retry carries the same numbers: the broker appends a batch
+once and answers a resent one with its original offsets (`duplicate`). The broker remembers
+5 batches per producer and partition, so at most IN_FLIGHT_PER_PARTITION_MAX (5) batches of
+a partition await answers; more wait in the ready queue. Refusals:
+  - OUT_OF_ORDER_SEQUENCE while an earlier batch of the partition is being retried: retried
+    behind it;
+  - a batch refused for good (too large, say): it fails, and the partition's later batches,
+    refused as out of sequence, are numbered again from its sequence and resent;
+  - UNKNOWN_PRODUCER (the broker expired this producer's state in the partition): the batch
+    and its followers are numbered again from 0 and resent (refused at 0 too: the broker does
+    not know the id at all, so a new one is taken first);
+  - OUT_OF_ORDER_SEQUENCE at the partition's oldest batch (the broker lost acknowledged
+    batches: fsync "never" and a power loss): the batch fails, and once nothing is in flight
+    the producer takes a new id (or epoch) and every partition starts again at 0;
+  - PRODUCER_FENCED: everything waiting fails with ProducerFencedError, and so does every
+    later send: close this producer.
+So a record whose future succeeded was appended exactly once, in send order within its
+partition; a future that failed after its batch was sent (retries exhausted, close time-out)
+means "maybe appended": exactly-once holds per producer session, not across a producer that
+gives up and a new one that sends the same record again.
+Without idempotence (acks "none", or idempotent=False) a retry after a lost answer may
+append a batch twice: delivery is at-least-once.
 
 Cost per 100-byte record (2 cores, Python 3.11): ~1 us in `send`, ~0.1 us to route a keyed
 one, ~0.7 us to encode (storage.encode_batch), ~0.6 us to resolve its future; then the
@@ -91,10 +116,13 @@ from ._base import (
     EventLoopThread,
     InvalidArgumentError,
     NotFoundError,
+    OutOfOrderSequenceError,
+    ProducerFencedError,
     RecordMetadata,
     ResourceExhaustedError,
     RiverlogError,
     UnavailableError,
+    UnknownProducerError,
     compression_of,
     default_server,
     from_partition_error,
@@ -123,6 +151,13 @@ REQUEST_ENTRIES_MAX = 4096
 RETRY_BACKOFF_MS_MAX = 1000
 # How long close() waits for the broker to end the stream after the last request.
 CLOSE_TIMEOUT_S = 5.0
+# Idempotent produce: batches of one partition awaiting answers. The broker remembers the last
+# 5 batches per producer and partition; a resent batch older than that could not be told apart
+# from a new one.
+IN_FLIGHT_PER_PARTITION_MAX = 5
+_SEQUENCE_MOD = 2**31  # sequence numbers wrap past 2**31 - 1 to 0, as Kafka's
+# Ready batches looked at (and passed over) per request while their partitions are held.
+_SKIPPED_MAX = 1024
 
 ACKS = {
     "none": broker_pb2.ACKS_NONE,
@@ -159,6 +194,11 @@ _TOO_LARGE = 5  # for the buffer, or for any broker
 _BAD_TIMESTAMP = 6
 _CLOSED = 7
 
+# What `_refused` decided for an idempotent batch the broker refused.
+_HANDLED = 0  # kept to be sent again (or the producer was fenced)
+_RETRY = 1
+_FAIL = 2
+
 T = TypeVar("T")
 
 _time_ns = time.time_ns
@@ -187,6 +227,22 @@ class _Batch:
     solo: bool = False  # larger than batch_bytes: sent in a request of its own
     data: bytes = b""
     finished: bool = False
+    base_seq: int = -1  # idempotent: the sequence number of the first record, once encoded
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    """Idempotent-produce state of one partition (loop only)."""
+
+    next_seq: int = 0
+    # Encoded batches without an outcome, in sequence order: at most
+    # IN_FLIGHT_PER_PARTITION_MAX.
+    pending: list[_Batch] = field(default_factory=list)
+    # Set while refusals are collected after a batch of this partition was not appended: the
+    # later ones are refused too (their sequence does not follow), kept in `resend`, and
+    # encoded again from this sequence once none is awaiting an answer.
+    rewind_to: int | None = None
+    resend: list[_Batch] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -206,6 +262,7 @@ class _Request:
     attempts: int = 0  # times written to a stream that then failed
     not_before_s: float = 0.0
     sent_s: float = 0.0
+    origin: int = 0  # correlation id of the first request of these batches: retries keep order
 
 
 def _error_of(error: BaseException) -> RiverlogError:
@@ -247,6 +304,10 @@ class AsyncProducer:
     awaiting answers; `retries` and `retry_backoff_ms` (doubling, up to 1 s) for retriable
     failures; `send_timeout_ms` the longest `send` waits (for buffer space, or for the first
     description of a topic); `request_timeout_ms` the longest wait for one answer.
+    `idempotent` (default: on unless acks is "none") numbers every batch so that a retry is
+    never appended twice and order is kept (see the module docstring); `producer_name` gives
+    an idempotent producer a stable identity: starting another producer with the same name
+    fences this one (ProducerFencedError).
     """
 
     def __init__(
@@ -263,9 +324,20 @@ class AsyncProducer:
         retry_backoff_ms: int = 100,
         send_timeout_ms: int = 10_000,
         request_timeout_ms: int = 30_000,
+        idempotent: bool | None = None,
+        producer_name: str | None = None,
     ) -> None:
         if acks not in ACKS:
             raise InvalidArgumentError(f"acks must be 'none', 'leader' or 'all', got {acks!r}")
+        if idempotent is None:
+            idempotent = acks != "none"
+        elif idempotent and acks == "none":
+            raise InvalidArgumentError(
+                "an idempotent producer needs answers: use acks 'leader' or 'all', or "
+                "idempotent=False"
+            )
+        if producer_name is not None and not idempotent:
+            raise InvalidArgumentError("producer_name needs an idempotent producer")
         checks = [
             ("linger_ms", linger_ms, 0, 60_000),
             ("batch_bytes", batch_bytes, 1, RECORD_BYTES_MAX),
@@ -294,6 +366,8 @@ class AsyncProducer:
         self._retry_backoff_ms = retry_backoff_ms
         self._send_timeout_s = send_timeout_ms / 1000
         self._request_timeout_s = request_timeout_ms / 1000
+        self._idempotent = bool(idempotent)
+        self._producer_name = producer_name or ""
 
         # Shared with the threads of a sync facade: guarded by _lock.
         self._lock = threading.Lock()  # held around _append by threads of a sync facade
@@ -326,6 +400,11 @@ class AsyncProducer:
         self._space_waiters = 0
         self._flush_waiters = 0
         self._closed = False
+        # Idempotent produce (loop only): (producer id, epoch) once InitProducer answered.
+        self._producer: tuple[int, int] | None = None
+        self._sequences: dict[tuple[str, int], _Sequence] = {}
+        self._reinit_wanted = False  # a sequence went astray: new id / epoch once idle
+        self._fatal: RiverlogError | None = None  # fenced: every later send fails with it
 
     # ------------------------------------------------------------------ public
     async def send(
@@ -562,7 +641,7 @@ class AsyncProducer:
                 if code in (_OK, _OK_SEALED):
                     return
                 if code == _CLOSED:
-                    raise RiverlogError("the producer is closed")
+                    raise self._fatal or RiverlogError("the producer is closed")
                 if code == _BAD_TIMESTAMP:
                     future.set_exception(
                         InvalidArgumentError(
@@ -724,6 +803,14 @@ class AsyncProducer:
         assert task is not None
         while True:
             self._wakeup.clear()
+            if (
+                self._idempotent
+                and self._producer is None
+                and not self._in_flight
+                and (self._open or self._ready)
+            ):
+                await self._init_producer()
+                continue
             now_s = time.monotonic()
             wait_s: float | None = None
             if self._in_flight:
@@ -764,6 +851,11 @@ class AsyncProducer:
             if head.not_before_s > now_s:
                 return None, head.not_before_s  # nothing may overtake a retry
             return self._retry.popleft(), None
+        if self._reinit_wanted:
+            if not self._in_flight:
+                self._reinit()
+            return None, None
+        idempotent = self._idempotent
         batches: list[_Batch] = []
         next_s: float | None = None
         with self._lock:
@@ -777,6 +869,8 @@ class AsyncProducer:
                     next_s = due_s
             total = 0
             ready = self._ready
+            held: list[_Batch] = []
+            taken: dict[tuple[str, int], int] = {}
             while ready and len(batches) < REQUEST_ENTRIES_MAX:
                 batch = ready[0]
                 if batches and (batch.solo or total + batch.size > REQUEST_BYTES_MAX):
@@ -785,14 +879,33 @@ class AsyncProducer:
                 if batch.partition == _UNROUTED:
                     ready.extendleft(reversed(self._route(batch)))
                     continue
+                if idempotent:
+                    key = (batch.topic, batch.partition)
+                    st = self._sequences.get(key)
+                    count = taken.get(key, 0)
+                    if st is not None:
+                        count += len(st.pending)
+                    if count >= IN_FLIGHT_PER_PARTITION_MAX or (
+                        st is not None and st.rewind_to is not None
+                    ):
+                        held.append(batch)  # its partition is full or rewinding: wait
+                        if len(held) >= _SKIPPED_MAX:
+                            break
+                        continue
+                    taken[key] = taken.get(key, 0) + 1
                 batches.append(batch)
                 total += batch.size
                 if batch.solo:
                     break
+            if held:
+                ready.extendleft(reversed(held))
         encoded: list[_Batch] = []
         for batch in batches:
             try:
-                batch.data = encode_batch(batch.records, compression=self._compression)
+                if idempotent:
+                    self._encode_idempotent(batch)
+                else:
+                    batch.data = encode_batch(batch.records, compression=self._compression)
             except (TypeError, ValueError, OverflowError) as e:
                 self._fail(batch, InvalidArgumentError(f"cannot encode a record batch: {e}"))
                 continue
@@ -800,6 +913,69 @@ class AsyncProducer:
         if not encoded:
             return None, next_s
         return self._request(encoded), next_s
+
+    def _encode_idempotent(self, batch: _Batch) -> None:
+        """Encode with the producer id, epoch and the partition's next sequence number."""
+        assert self._producer is not None
+        producer_id, epoch = self._producer
+        key = (batch.topic, batch.partition)
+        st = self._sequences.get(key)
+        if st is None:
+            st = self._sequences[key] = _Sequence()
+        base = st.next_seq
+        batch.data = encode_batch(
+            batch.records,
+            compression=self._compression,
+            producer_id=producer_id,
+            producer_epoch=epoch,
+            base_sequence=base,
+        )
+        batch.base_seq = base
+        st.next_seq = (base + len(batch.records)) % _SEQUENCE_MOD
+        st.pending.append(batch)
+
+    async def _init_producer(self) -> None:
+        """Get a producer id and epoch (InitProducer), retrying retriable failures; when
+        that fails for good, every batch waiting fails with the error."""
+        assert self._broker is not None
+        request = broker_pb2.InitProducerRequest(producer_name=self._producer_name)
+        attempt = 0
+        while True:
+            try:
+                answer = await self._broker.InitProducer(request, timeout=self._request_timeout_s)
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                attempt += 1
+                if error.retriable and attempt <= self._retries:
+                    await asyncio.sleep(self._backoff_s(attempt))
+                    continue
+                self._fail_pending(error)
+                return
+            self._producer = (answer.producer_id, answer.producer_epoch)
+            return
+
+    def _reinit(self) -> None:
+        """Nothing in flight: drop the producer id and every sequence; the sender asks for a
+        new id (anonymous) or epoch (named), and every partition starts again at 0."""
+        self._reinit_wanted = False
+        resend: list[_Batch] = []
+        for st in self._sequences.values():
+            resend.extend(st.resend)
+        self._sequences.clear()
+        self._producer = None
+        self._requeue(resend)
+        self._wakeup.set()  # the sender asks for the new id next
+
+    def _requeue(self, batches: list[_Batch]) -> None:
+        """Put refused batches back at the head of the ready queue, to be encoded again."""
+        if not batches:
+            return
+        for batch in batches:
+            batch.data = b""
+            batch.base_seq = -1
+        with self._lock:
+            self._ready.extendleft(reversed(batches))
+        self._wakeup.set()
 
     def _route(self, batch: _Batch) -> list[_Batch]:
         """Split a batch of keyed records into one batch per partition (Kafka's murmur2 of
@@ -831,7 +1007,7 @@ class AsyncProducer:
         self._unfinished[batch.seq] += len(routed) - 1
         return routed
 
-    def _request(self, batches: list[_Batch], attempts: int = 0) -> _Request:
+    def _request(self, batches: list[_Batch], attempts: int = 0, origin: int = 0) -> _Request:
         self._next_correlation_id += 1
         message = broker_pb2.ProduceRequest(
             acks=self._acks,
@@ -843,7 +1019,13 @@ class AsyncProducer:
                 for b in batches
             ],
         )
-        return _Request(self._next_correlation_id, batches, message, attempts)
+        return _Request(
+            self._next_correlation_id,
+            batches,
+            message,
+            attempts,
+            origin=origin or self._next_correlation_id,
+        )
 
     async def _write(self, request: _Request, task: asyncio.Task[None]) -> None:
         call = self._call
@@ -914,7 +1096,8 @@ class AsyncProducer:
             else:
                 self._fail_request(request, error)
         self._in_flight.clear()
-        self._retry.extendleft(reversed(again))
+        for request in again:
+            self._retry_later(request)
         if self._stream_failures > self._retries:
             # The broker stayed out of reach: fail everything waiting rather than hold it.
             self._stream_failures = 0
@@ -944,13 +1127,14 @@ class AsyncProducer:
             return
         if len(batches) > 1 and all(r.error.code for r in results):
             first = results[0].error
-            error = from_partition_error(first.code, first.message)
+            error = from_partition_error(first.code, first.message, first.name)
             if not error.retriable and all(
                 r.error.code == first.code and r.error.message == first.message for r in results
             ):
                 # The broker refused the request whole for one entry and appended nothing:
                 # send each batch alone to learn which one is wrong.
-                self._retry.extendleft(reversed([self._request([b]) for b in batches]))
+                for batch in batches:
+                    self._retry_later(self._request([batch], origin=request.origin))
                 return
         again: list[_Batch] = []
         for batch, result in zip(batches, results, strict=True):
@@ -958,15 +1142,93 @@ class AsyncProducer:
             if not code:
                 self._resolve(batch, result.base_offset)
                 continue
-            error = from_partition_error(code, result.error.message)
+            error = from_partition_error(code, result.error.message, result.error.name)
+            if batch.base_seq >= 0:
+                verdict = self._refused(batch, error)
+                if verdict == _HANDLED:
+                    continue
+                if verdict == _RETRY and request.attempts < self._retries:
+                    again.append(batch)
+                    continue
             if error.retriable and request.attempts < self._retries:
                 again.append(batch)
             else:
                 self._fail(batch, error)
         if again:
-            retry = self._request(again, request.attempts + 1)
+            retry = self._request(again, request.attempts + 1, request.origin)
             retry.not_before_s = time.monotonic() + self._backoff_s(retry.attempts)
-            self._retry.appendleft(retry)
+            self._retry_later(retry)
+
+    def _retry_later(self, retry: _Request) -> None:
+        """Queue a retry before every queued request that came after its batches' first
+        request, so a partition's batches are sent again in their order."""
+        queue = self._retry
+        index = len(queue)
+        while index and queue[index - 1].origin > retry.origin:
+            index -= 1
+        queue.insert(index, retry)
+
+    def _refused(self, batch: _Batch, error: RiverlogError) -> int:
+        """An idempotent batch was refused: what to do with it (_HANDLED, _RETRY, _FAIL)."""
+        st = self._sequences[(batch.topic, batch.partition)]
+        if isinstance(error, ProducerFencedError):
+            self._fence(error)
+            return _FAIL
+        sequence_error = isinstance(error, OutOfOrderSequenceError | UnknownProducerError)
+        if not sequence_error:
+            if not error.retriable:
+                # Never appended: the batches after it are refused as out of sequence and
+                # sent again from its sequence number.
+                self._rewind(st, batch.base_seq)
+            return _FAIL
+        if st.rewind_to is not None:
+            self._hold(st, batch)  # refused because an earlier batch was not appended
+            return _HANDLED
+        if st.pending and st.pending[0] is not batch:
+            return _RETRY  # an earlier batch of the partition is being retried: follow it
+        if isinstance(error, UnknownProducerError):
+            # The broker forgot this producer here (idle past producer_expiry_ms): nothing of
+            # the partition from this batch on was appended; start again at sequence 0. At
+            # sequence 0 already, the broker does not know the id at all (its data was
+            # replaced): take a new one, then resend.
+            if batch.base_seq == 0:
+                self._reinit_wanted = True
+            self._rewind(st, 0)
+            self._hold(st, batch)
+            return _HANDLED
+        # The broker expects a sequence this producer did not send (it lost acknowledged
+        # batches, e.g. fsync "never" and a power loss): fail the batch, start a new id or
+        # epoch once nothing is in flight.
+        self._reinit_wanted = True
+        return _FAIL
+
+    def _rewind(self, st: _Sequence, sequence: int) -> None:
+        if st.rewind_to is None or _seq_before(sequence, st.rewind_to):
+            st.rewind_to = sequence
+
+    def _hold(self, st: _Sequence, batch: _Batch) -> None:
+        st.pending.remove(batch)
+        st.resend.append(batch)
+        self._resend_if_idle(st)
+
+    def _resend_if_idle(self, st: _Sequence) -> None:
+        """Once no batch of the rewinding partition awaits an answer, queue the refused ones
+        again, numbered from the rewind point."""
+        if st.rewind_to is None or st.pending:
+            return
+        st.next_seq = st.rewind_to
+        st.rewind_to = None
+        resend, st.resend = st.resend, []
+        resend.sort(key=lambda b: b.seq)
+        self._requeue(resend)
+
+    def _fence(self, error: RiverlogError) -> None:
+        """A newer instance of this named producer exists: fail everything, refuse sends."""
+        if self._fatal is None:
+            self._fatal = error
+            with self._lock:
+                self._closing = True
+            self._abort(error)
 
     # ------------------------------------------------------------------ outcomes
     def _resolve(self, batch: _Batch, base_offset: int) -> None:
@@ -1006,6 +1268,13 @@ class AsyncProducer:
         for request in self._retry:
             self._fail_request(request, error)
         self._retry.clear()
+        held: list[_Batch] = []
+        for st in self._sequences.values():
+            held.extend(st.resend)
+            st.resend.clear()
+            st.rewind_to = None
+        for batch in held:
+            self._fail(batch, error)
         with self._lock:
             for batch in list(self._open.values()):
                 self._seal(batch)
@@ -1018,6 +1287,11 @@ class AsyncProducer:
         if batch.finished:
             return  # a request both resent and written
         batch.finished = True
+        if batch.base_seq >= 0:
+            st = self._sequences.get((batch.topic, batch.partition))
+            if st is not None and batch in st.pending:
+                st.pending.remove(batch)
+                self._resend_if_idle(st)
         batch.records = []
         batch.futures = []
         batch.data = b""
@@ -1045,6 +1319,11 @@ class AsyncProducer:
         with self._lock:
             self._closing = True
         self._abort(RiverlogError(f"the producer's sender failed: {task.exception()!r}"))
+
+
+def _seq_before(a: int, b: int) -> bool:
+    """Whether sequence `a` comes before `b` (they wrap at 2**31; a window is 5 batches)."""
+    return a != b and (b - a) % _SEQUENCE_MOD < _SEQUENCE_MOD // 2
 
 
 def _earliest(a: float | None, b: float) -> float:
@@ -1159,6 +1438,8 @@ class Producer:
         retry_backoff_ms: int = 100,
         send_timeout_ms: int = 10_000,
         request_timeout_ms: int = 30_000,
+        idempotent: bool | None = None,
+        producer_name: str | None = None,
     ) -> None:
         core = AsyncProducer(
             server,
@@ -1172,6 +1453,8 @@ class Producer:
             retry_backoff_ms=retry_backoff_ms,
             send_timeout_ms=send_timeout_ms,
             request_timeout_ms=request_timeout_ms,
+            idempotent=idempotent,
+            producer_name=producer_name,
         )
         self._thread = EventLoopThread("riverlog-producer")
         self._core = core
@@ -1206,7 +1489,7 @@ class Producer:
             code = core._append(topic, value, key, headers, partition, timestamp_ms, future, False)
         if code > _OK_SEALED:
             if code == _CLOSED:
-                raise RiverlogError("the producer is closed")
+                raise core._fatal or RiverlogError("the producer is closed")
             slow = core._send_slow(topic, value, key, headers, partition, timestamp_ms, future)
             self._submit(slow).result()
         return future
