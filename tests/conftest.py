@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +62,35 @@ def reader_waiting(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
     monkeypatch.setattr(_broker._Partition, "watch", watch)
     return watching
+
+
+# ---------------------------------------------------------------------------- reliability
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run the long forms of tests/reliability (more kills, seeds, requests); local only",
+    )
+    parser.addoption(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the randomized reliability tests (default: a fixed one per test)",
+    )
+
+
+@pytest.fixture
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True under --long: reliability tests scale their counts up."""
+    return bool(request.config.getoption("--long"))
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a randomized test: --seed, else a fixed one derived from the test's name.
+    Printed, so a failing run can be replayed with --seed."""
+    given = request.config.getoption("--seed")
+    value = int(given) if given is not None else zlib.crc32(request.node.name.encode())
+    print(f"\n{request.node.nodeid}: seed {value} (replay with --seed {value})")
+    return value
