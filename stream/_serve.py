@@ -22,8 +22,8 @@ import grpc
 from storage import InvalidConfigError, LogConfig
 
 from ._broker import SUBSCRIBERS_MAX, Broker, BrokerConfig, wall_clock_ms
-from ._producer_ids import NAME_EXPIRY_MS_DEFAULT
 from ._groups import GroupManager
+from ._producer_ids import NAME_EXPIRY_MS_DEFAULT
 from ._server import WORKERS_DEFAULT, build_server
 from .groups._offsets import OffsetStore
 

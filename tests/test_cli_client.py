@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pty
+import select
 import socket
 import subprocess
 import sys
@@ -573,6 +574,20 @@ def test_no_progress_display_off_a_terminal(running_broker: RunningBroker) -> No
         assert (done.returncode, done.stderr) == (0, ""), args
 
 
+def _read_all(fd: int) -> str:
+    """Everything written to a pty so far: one read may return only the first write."""
+    chunks: list[bytes] = []
+    for _ in range(1000):
+        ready, _w, _x = select.select([fd], [], [], 0.05)
+        if not ready:
+            break
+        try:
+            chunks.append(os.read(fd, 1 << 16))
+        except OSError:  # EIO: the terminal side is closed and everything was read
+            break
+    return b"".join(chunks).decode(errors="replace")
+
+
 def test_progress_display_on_a_terminal(
     running_broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -585,7 +600,7 @@ def test_progress_display_on_a_terminal(
             monkeypatch.setattr(sys, "stderr", terminal)
             monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a\nbb\nccc\n")))
             assert cli.main(["produce", "t", "--server", server]) == 0
-        shown = os.read(master, 1 << 16).decode(errors="replace")
+        shown = _read_all(master)
     finally:
         os.close(master)
     assert "sent 3 records" in shown
