@@ -10,7 +10,7 @@ background tasks:
   `fetch_max_bytes` over the request and `max_partition_fetch_bytes` per partition (group
   members set FetchRequest.member). When an answer arrives it reads where each partition
   continues from the batch headers, sends the next fetch, and only then decodes the answer
-  (storage.decode_records, once per partition; records below the wanted offset are skipped,
+  (._decode.decode_fetch, once per partition; records below the wanted offset are left out,
   since a fetch starts with the batch that holds it) into one chunk of Records per partition
   in the buffer: the broker and the network work while this process decodes. The buffer is
   counted in fetched batch bytes (the decoded Python objects cost about 2-3x that); the task
@@ -61,19 +61,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import itertools
 import logging
-import operator
 import re
 import struct
 import sys
 import threading
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
@@ -82,7 +79,6 @@ from storage import (
     HEADER_BYTES,
     CorruptBatchError,
     StorageError,
-    decode_records,
     read_header,
 )
 
@@ -109,6 +105,7 @@ from ._base import (
     from_rpc_error,
     open_channel,
 )
+from ._decode import decode_fetch
 
 log = logging.getLogger("riverlog.consumer")
 
@@ -140,10 +137,6 @@ ITERATION_POLL_MS = 500
 # Group-protocol errors after which this member must rejoin (proto/riverlog/v1/groups.proto).
 MEMBERSHIP_GONE = frozenset({"UNKNOWN_MEMBER", "UNKNOWN_GROUP"})
 
-# Builds a Record from (topic, partition) + a decoded storage record in one C call: no
-# Python frame per record (a NamedTuple's own __new__ is Python code).
-_make_record = cast("Callable[[tuple[Any, ...]], Record]", functools.partial(tuple.__new__, Record))
-_offset_of = operator.itemgetter(0)
 # A batch starts with baseOffset (i64) and batchLength (i32): the bytes after these two.
 _FRAME = struct.Struct(">qi")
 
@@ -252,7 +245,7 @@ class _Handout:
 
 def _last_offset(data: bytes) -> int:
     """The offset of the last record in back-to-back batches, from their headers alone
-    (the records are decoded, and every CRC checked, by decode_records later)."""
+    (the records are decoded, and every CRC checked, by decode_fetch later)."""
     pos, last_pos, end = 0, 0, len(data)
     while pos < end:
         if end - pos < HEADER_BYTES:
@@ -1167,22 +1160,17 @@ class AsyncConsumer:
                 if self._parts.get(tp) is not st or st.version != version:
                     continue
                 try:
-                    decoded = decode_records(data)
+                    # Without the records below `offset`: the batch holding it may start before.
+                    records, decoded_last = decode_fetch(data, tp.topic, tp.partition, offset)
                 except StorageError as e:
                     st.error = RiverlogError(f"{_name(tp)}: corrupt fetch answer at {offset}: {e}")
                     continue
-                if decoded[-1].offset != last:
+                if decoded_last != last:
                     st.error = RiverlogError(
                         f"{_name(tp)}: batch headers end at offset {last}, records at "
-                        f"{decoded[-1].offset}"
+                        f"{decoded_last}"
                     )
                     continue
-                skip = 0
-                if decoded[0].offset < offset:  # the batch holding `offset` starts before it
-                    skip = bisect_left(decoded, offset, key=_offset_of)
-                prefix = (tp.topic, tp.partition)
-                rows = decoded if skip == 0 else itertools.islice(decoded, skip, None)
-                records = list(map(_make_record, map(prefix.__add__, rows)))
                 self._buffer.append(_Chunk(tp, records, len(data)))
                 self._buffered_bytes += len(data)
                 arrived = True
