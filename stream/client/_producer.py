@@ -108,7 +108,7 @@ import grpc.aio
 import numpy as np
 import numpy.typing as npt
 
-from storage import encode_batch
+from storage import encode_batch, encode_columns
 from stream._pb import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 from ._base import (
@@ -209,21 +209,23 @@ _new_tuple = tuple.__new__
 
 # An open batch of keyed records whose partitions are not chosen yet (see `_route`).
 _UNROUTED = -1
-_key_of = itemgetter(0)
 
 
 # ---------------------------------------------------------------------------- state
 @dataclass(eq=False, slots=True)
 class _Batch:
-    """Records for one partition, in send order; `data` once encoded."""
+    """Records for one partition, in send order, as columns (no tuple per record: one object
+    less per send for the garbage collector); `data` once encoded."""
 
     seq: int  # creation order, for flush(); the batches routed from one share its seq
     topic: str
     partition: int  # _UNROUTED: keyed records, partitioned in bulk when sent
     created_s: float
-    records: list[tuple[bytes | None, bytes | None, int, Sequence[Header]]] = field(
-        default_factory=list
-    )
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes | None] = field(default_factory=list)
+    stamps: list[int] = field(default_factory=list)
+    # Each record's headers, once one record of the batch has any (then () for the others).
+    headers: list[Sequence[Header]] | None = None
     futures: list[AnyFuture] = field(default_factory=list)
     size: int = 0  # estimated bytes (key + value + headers + overhead per record)
     solo: bool = False  # larger than batch_bytes: sent in a request of its own
@@ -585,7 +587,15 @@ class AsyncProducer:
         if batch is None or batch.size + size > self._batch_bytes:
             batch = self._open_batch(state, topic, slot, size, sticky)
             code = _OK_SEALED
-        batch.records.append((key, value, timestamp_ms, headers))
+        batch.keys.append(key)
+        batch.values.append(value)
+        batch.stamps.append(timestamp_ms)
+        if headers:
+            if batch.headers is None:
+                batch.headers = [()] * (len(batch.keys) - 1)
+            batch.headers.append(headers)
+        elif batch.headers is not None:
+            batch.headers.append(headers)
         batch.futures.append(future)
         batch.size += size
         self._buffered_bytes = buffered
@@ -911,7 +921,7 @@ class AsyncProducer:
                 if idempotent:
                     self._encode_idempotent(batch)
                 else:
-                    batch.data = encode_batch(batch.records, compression=self._compression)
+                    batch.data = self._encode(batch)
             except (TypeError, ValueError, OverflowError) as e:
                 self._fail(batch, InvalidArgumentError(f"cannot encode a record batch: {e}"))
                 continue
@@ -943,16 +953,31 @@ class AsyncProducer:
         if st is None:
             st = self._sequences[key] = _Sequence()
         base = st.next_seq
-        batch.data = encode_batch(
-            batch.records,
+        batch.data = self._encode(batch, producer_id, epoch, base)
+        batch.base_seq = base
+        st.next_seq = (base + len(batch.keys)) % _SEQUENCE_MOD
+        st.pending.append(batch)
+
+    def _encode(
+        self, batch: _Batch, producer_id: int = -1, epoch: int = -1, base_sequence: int = -1
+    ) -> bytes:
+        if batch.headers is None:
+            return encode_columns(
+                batch.keys,
+                batch.values,
+                batch.stamps,
+                compression=self._compression,
+                producer_id=producer_id,
+                producer_epoch=epoch,
+                base_sequence=base_sequence,
+            )
+        return encode_batch(
+            list(zip(batch.keys, batch.values, batch.stamps, batch.headers, strict=True)),
             compression=self._compression,
             producer_id=producer_id,
             producer_epoch=epoch,
-            base_sequence=base,
+            base_sequence=base_sequence,
         )
-        batch.base_seq = base
-        st.next_seq = (base + len(batch.records)) % _SEQUENCE_MOD
-        st.pending.append(batch)
 
     async def _init_producer(self) -> None:
         """Get a producer id and epoch (InitProducer), retrying retriable failures; when
@@ -1002,8 +1027,8 @@ class AsyncProducer:
         each key, in bulk), keeping send order within each. Runs without the lock: the batch
         is sealed, no sender can reach it."""
         count = self._topics[batch.topic].partitions
-        records = batch.records
-        chosen = _partitions_for_keys(list(map(_key_of, records)), count)
+        total = len(batch.keys)
+        chosen = _partitions_for_keys(batch.keys, count)  # type: ignore[arg-type]  # all keyed
         order = np.argsort(chosen, kind="stable")
         ends = np.cumsum(np.bincount(chosen, minlength=count)).tolist()
         routed: list[_Batch] = []
@@ -1013,15 +1038,29 @@ class AsyncProducer:
                 continue
             picks = order[start:end].tolist()
             if len(picks) == 1:
-                mine = [records[picks[0]]]
-                futures = [batch.futures[picks[0]]]
+                i = picks[0]
+                keys, values, stamps = [batch.keys[i]], [batch.values[i]], [batch.stamps[i]]
+                futures = [batch.futures[i]]
+                headers = None if batch.headers is None else [batch.headers[i]]
             else:
                 get = itemgetter(*picks)
-                mine = list(get(records))
-                futures = list(get(batch.futures))
+                keys, values, stamps = get(batch.keys), get(batch.values), get(batch.stamps)
+                futures = get(batch.futures)
+                headers = None if batch.headers is None else list(get(batch.headers))
             # Sizes are estimates: shared out by record count, summing to the batch's.
-            size = batch.size * end // len(records) - batch.size * start // len(records)
-            part = _Batch(batch.seq, batch.topic, partition, batch.created_s, mine, futures, size)
+            size = batch.size * end // total - batch.size * start // total
+            part = _Batch(
+                batch.seq,
+                batch.topic,
+                partition,
+                batch.created_s,
+                list(keys),
+                list(values),
+                list(stamps),
+                headers,
+                list(futures),
+                size,
+            )
             part.solo = batch.solo
             routed.append(part)
             start = end
@@ -1265,16 +1304,16 @@ class AsyncProducer:
             _settle(
                 futures,  # type: ignore[arg-type]  # a Producer's futures, all _RecordFuture
                 [
-                    new(metadata, (topic, partition, offset, record[2]))
-                    for offset, record in zip(offsets, batch.records, strict=False)
+                    new(metadata, (topic, partition, offset, stamp))
+                    for offset, stamp in zip(offsets, batch.stamps, strict=False)
                 ],
             )
             self._finished(batch)
             return
         offset = base_offset
-        for future, record in zip(futures, batch.records, strict=True):
+        for future, stamp in zip(futures, batch.stamps, strict=True):
             try:  # noqa: SIM105
-                future.set_result(new(metadata, (topic, partition, offset, record[2])))
+                future.set_result(new(metadata, (topic, partition, offset, stamp)))
             except _INVALID_STATE:
                 pass  # cancelled by its owner
             offset += step
@@ -1326,7 +1365,9 @@ class AsyncProducer:
             if st is not None and batch in st.pending:
                 st.pending.remove(batch)
                 self._resend_if_idle(st)
-        batch.records = []
+        batch.keys = batch.values = []
+        batch.stamps = []
+        batch.headers = None
         batch.futures = []
         batch.data = b""
         with self._lock:
