@@ -891,7 +891,15 @@ class AsyncConsumer:
             generation = self._generation
             fresh = {tp: _Partition() for tp in added}
             self._parts.update(fresh)
-            await self._set_positions(fresh)
+            try:
+                await self._set_positions(fresh)
+            except BaseException:
+                # Not taken yet: the next reconcile must see them as new again, or they would
+                # stay without a position (never fetched, no on_assign) while owned.
+                for tp, part in fresh.items():
+                    if self._parts.get(tp) is part:
+                        del self._parts[tp]
+                raise
             if generation == self._generation:
                 taken = [tp for tp in added if self._parts.get(tp) is fresh[tp]]
                 self._call_back(self._on_assign, taken)
