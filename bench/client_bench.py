@@ -4,8 +4,10 @@
 
 In one run: the pure-encoder ceiling (encoding the same records into RecordBatch v2 batches
 without sending them), then `Producer.send` of every record (acks leader, default linger and
-batch size) until `flush` returns, then a `Consumer` assigned every partition reading them all
-back from the beginning. The broker runs as a separate process (its own GIL), on loopback.
+batch size) until `flush` returns -- once with idempotence off (the baseline of its cost) and
+once with the default, idempotent, producer -- then a `Consumer` assigned every partition
+reading the idempotent run's records back from the beginning. The broker runs as a separate
+process (its own GIL), on loopback.
 Targets (the client issue): produce >= 500,000 records/s, consume >= 1,000,000 records/s.
 The last line is one JSON object.
 """
@@ -68,9 +70,11 @@ def encode_ceiling(records: list[tuple[bytes, bytes]]) -> float:
     return len(records) / (time.perf_counter() - started)
 
 
-def produce(address: str, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+def produce(
+    address: str, topic: str, records: list[tuple[bytes, bytes]], *, idempotent: bool = True
+) -> float:
     deadline = time.monotonic() + PHASE_SECONDS_MAX
-    with Producer(address) as producer:
+    with Producer(address, idempotent=idempotent) as producer:
         started = time.perf_counter()
         futures = []
         for i, (key, value) in enumerate(records):
@@ -118,10 +122,14 @@ def main() -> int:
     try:
         with Admin(broker.address) as admin:
             admin.create_topic("bench", PARTITIONS)
+            admin.create_topic("bench-plain", PARTITIONS)
+        plain = produce(broker.address, "bench-plain", records, idempotent=False)
+        print(f"produce, idempotence off: {plain:,.0f} records/s")
         produced = produce(broker.address, "bench", records)
         print(
             f"produce: {produced:,.0f} records/s ({produced / ceiling:.2f} of the encoder), "
-            f"target {PRODUCE_TARGET:,}: {'PASS' if produced >= PRODUCE_TARGET else 'MISS'}"
+            f"target {PRODUCE_TARGET:,}: {'PASS' if produced >= PRODUCE_TARGET else 'MISS'}; "
+            f"{produced / plain:.2f} of the non-idempotent run"
         )
         consumed = consume(broker.address, "bench", s.records)
         print(
@@ -139,6 +147,8 @@ def main() -> int:
                 "consume_records_per_s": round(consumed),
                 "encode_ceiling_records_per_s": round(ceiling),
                 "produce_vs_encode_ceiling": round(produced / ceiling, 3),
+                "produce_non_idempotent_records_per_s": round(plain),
+                "idempotent_vs_non_idempotent": round(produced / plain, 3),
                 "quick": args.quick,
                 "machine": info,
                 "settings": asdict(s),
