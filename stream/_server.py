@@ -16,11 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from storage import (
+    LimitExceededError,
     NewRecord,
     StorageError,
 )
 
 from ._broker import (
+    REQUEST_PARTITIONS_MAX,
     Broker,
     FetchQuery,
     InvalidRequestError,
@@ -75,6 +77,11 @@ class BrokerService:
         """
         if not request.partitions:
             raise InvalidRequestError("produce request names no partitions")
+        if len(request.partitions) > REQUEST_PARTITIONS_MAX:
+            raise LimitExceededError(
+                f"{len(request.partitions)} entries in one produce request; the limit is "
+                f"{REQUEST_PARTITIONS_MAX}"
+            )
         durable = request.acks == broker_pb2.ACKS_ALL
         # Each access to a protobuf bytes field copies it (34 us per MiB): read batches once.
         entries = [

@@ -63,7 +63,6 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import re
 import struct
 import sys
 import threading
@@ -82,6 +81,7 @@ from storage import (
     read_header,
 )
 
+from .._pattern import PatternError, compile_pattern
 from .._pb import (
     admin_pb2,
     admin_pb2_grpc,
@@ -343,9 +343,9 @@ class AsyncConsumer:
             raise InvalidArgumentError("subscribe to topics or to a pattern, not both")
         if pattern is not None:
             try:
-                re.compile(pattern)
-            except re.error as e:
-                raise InvalidArgumentError(f"bad pattern {pattern!r}: {e}") from None
+                compile_pattern(pattern)  # the broker's engine: RE2
+            except PatternError as e:
+                raise InvalidArgumentError(str(e)) from None
         if auto_offset_reset not in AUTO_OFFSET_RESETS:
             raise InvalidArgumentError(
                 f"auto_offset_reset must be one of {', '.join(AUTO_OFFSET_RESETS)}, "
@@ -944,7 +944,7 @@ class AsyncConsumer:
             raise from_rpc_error(e) from None
         counts = {t.name: t.partitions for t in answer.topics}
         if self._pattern is not None:
-            compiled = re.compile(self._pattern)
+            compiled = compile_pattern(self._pattern)
             names = sorted(n for n in counts if compiled.fullmatch(n))
         else:
             missing = [t for t in self._topics if t not in counts]
