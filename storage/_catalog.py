@@ -29,6 +29,9 @@ What is crash-atomic, and why:
 - So after a crash and `Catalog.open`, each create_topic, add_partitions and delete_topic has
   either happened completely or not at all.
 
+Every file-system call goes through the disk layer (`_disk.py`, `_fs.py`); only stat calls
+(`exists`, `is_dir`, `is_file`) read the live files directly.
+
 Names cannot collide on disk: a partition directory is `<name>-<partition>`, the partition
 is decimal digits and a name's last "-" separates them, so the split is unique; the longest
 name (249) plus "-1023" fits one path component (255 bytes). On a case-insensitive file
@@ -42,13 +45,13 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import types
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _disk
 from ._config import LogConfig
 from ._errors import (
     InvalidConfigError,
@@ -58,7 +61,16 @@ from ._errors import (
     TopicExistsError,
     UnknownTopicError,
 )
-from ._fs import NAME_BYTES_MAX, TMP_SUFFIX, StrPath, atomic_write, fsync_dir
+from ._fs import (
+    NAME_BYTES_MAX,
+    TMP_SUFFIX,
+    StrPath,
+    atomic_write,
+    fsync_dir,
+    make_dirs,
+    read_file,
+    remove_tree_no_fsync,
+)
 
 # Kafka's rule for topic names, matched with fullmatch. The characters are safe in file names
 # on every file system we run on; 249 leaves room for "-<partition>" in a 255-byte file name.
@@ -211,8 +223,7 @@ def _decode(path: pathlib.Path, data: bytes) -> TopicMeta:
 
 
 def _read_bounded(path: pathlib.Path) -> bytes:
-    with open(path, "rb") as file:
-        data = file.read(METADATA_BYTES_MAX + 1)
+    data = read_file(path, METADATA_BYTES_MAX)
     if len(data) > METADATA_BYTES_MAX:
         raise StorageError(
             f"{path}: invalid topic metadata: larger than {METADATA_BYTES_MAX} bytes"
@@ -243,15 +254,15 @@ class Catalog:
         would delete that topic's data.
         """
         root = pathlib.Path(os.path.abspath(os.fspath(data_dir)))
-        _make_dirs(root)
+        make_dirs(root)
         topics_dir = root / METADATA_DIR_NAME
-        _make_dirs(topics_dir)
+        make_dirs(topics_dir)
 
         topics: dict[str, TopicMeta] = {}
         removed_tmp = False
-        for entry in sorted(topics_dir.iterdir()):
+        for entry in (topics_dir / n for n in sorted(_disk.disk.listdir(str(topics_dir)))):
             if entry.name.endswith(TMP_SUFFIX) and entry.is_file():
-                entry.unlink()
+                _disk.disk.unlink(str(entry))
                 removed_tmp = True
             elif entry.name.endswith(METADATA_SUFFIX) and entry.is_file():
                 if len(topics) == TOPICS_MAX:
@@ -314,13 +325,13 @@ class Catalog:
         removed by the next `Catalog.open`.
         """
         meta = self.get(name)
-        self._metadata_path(name).unlink()
+        _disk.disk.unlink(str(self._metadata_path(name)))
         fsync_dir(self._topics_dir)
         del self._topics[name]
         for partition in range(meta.partitions):
             path = self._partition_path(name, partition)
             if path.is_dir():
-                _remove_tree_no_fsync(path)
+                remove_tree_no_fsync(path)
         fsync_dir(self._data_dir)
 
     def get(self, name: str) -> TopicMeta:
@@ -368,15 +379,15 @@ class Catalog:
                 path = self._partition_path(meta.name, partition)
                 if path.exists():
                     # Covered by no metadata, so left by a failed create or grow: not data.
-                    _remove_tree_no_fsync(path)
-                path.mkdir()
+                    remove_tree_no_fsync(path)
+                _disk.disk.mkdir(str(path))
                 created.append(path)
             fsync_dir(self._data_dir)
             atomic_write(self._metadata_path(meta.name), _encode(meta))
         except BaseException:
             for path in created:
                 try:
-                    _remove_tree_no_fsync(path)
+                    remove_tree_no_fsync(path)
                 except OSError:
                     break  # the next Catalog.open removes what is left
             raise
@@ -385,7 +396,7 @@ class Catalog:
     def _reconcile_partition_dirs(self) -> None:
         """Remove partition directories no metadata covers; create missing ones."""
         changed = False
-        for entry in sorted(self._data_dir.iterdir()):
+        for entry in (self._data_dir / n for n in sorted(_disk.disk.listdir(str(self._data_dir)))):
             match = _PARTITION_DIR_PATTERN.fullmatch(entry.name)
             if match is None or not entry.is_dir() or entry.is_symlink():
                 continue
@@ -398,30 +409,13 @@ class Catalog:
                 continue  # not a name the catalog could have made: not ours to remove
             meta = self._topics.get(topic)
             if meta is None or partition >= meta.partitions:
-                _remove_tree_no_fsync(entry)
+                remove_tree_no_fsync(entry)
                 changed = True
         for meta in self._topics.values():
             for partition in range(meta.partitions):
                 path = self._partition_path(meta.name, partition)
                 if not path.is_dir():
-                    path.mkdir()
+                    _disk.disk.mkdir(str(path))
                     changed = True
         if changed:
             fsync_dir(self._data_dir)
-
-
-def _make_dirs(path: pathlib.Path) -> None:
-    """Create `path` and any missing parents, fsyncing each new entry's parent."""
-    missing: builtins.list[pathlib.Path] = []
-    ancestor = path
-    while not ancestor.is_dir():  # bounded by the path's depth: "/" is a directory
-        missing.append(ancestor)
-        ancestor = ancestor.parent
-    for directory in reversed(missing):
-        directory.mkdir()
-        fsync_dir(directory.parent)
-
-
-def _remove_tree_no_fsync(path: pathlib.Path) -> None:
-    """Remove a tree; the caller fsyncs the parent once after removing several."""
-    shutil.rmtree(path)

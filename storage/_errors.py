@@ -20,7 +20,11 @@
     ├── InvalidConfigError           a config key or value that is not allowed
     ├── TopicExistsError / UnknownTopicError
     ├── DiskFullError                no space left on device; nothing partial was appended
+    ├── FsyncError                   an fsync failed (EIO...): what it covered is in an
+    │                                unknown state on disk (also an OSError, with its errno)
     └── LogClosedError               the log was closed (or failed) and takes no more calls
+        └── LogOfflineError          an fsync of the log failed: it takes no more writes and
+                                     serves reads only below the offset last known durable
 
 `assert` is kept for our own bugs; everything a caller or a file on disk can cause is one of
 these.
@@ -137,3 +141,14 @@ class DiskFullError(StorageError):
 
 class LogClosedError(StorageError):
     pass
+
+
+class FsyncError(StorageError, OSError):
+    """An fsync or fdatasync failed. Linux reports a write-back error once and may already
+    have dropped the dirty pages, so a retry that succeeds proves nothing: the caller must
+    treat what the fsync covered as possibly lost (a partition log goes offline)."""
+
+
+class LogOfflineError(LogClosedError):
+    """A partition log whose fsync failed: appends, rolls, flushes and retention refuse,
+    reads are served below `flushed_offset` only; a restart recovers it from the disk."""

@@ -20,6 +20,11 @@ both columns strictly increase. The batch at base+r is always also in the offset
 last entry of a sealed segment is (largest timestamp in the segment, next offset - base):
 the segment's max timestamp is known without reading the log.
 
+Files are created, sized, trimmed and fsynced through the disk layer (`_disk.py`); the
+entries themselves are stores into the memmap, which no system call sees. That is why an
+index is never trusted past a crash unless it was fsynced whole (trimmed, when its segment
+sealed or the log closed cleanly) -- see `_disk.py` on how a simulated disk models it.
+
 numpy cannot binary-search a big-endian column without converting all of it (measured here:
 ~120 us for 262k entries, against 0.4 us on native integers). So each index keeps its key
 column also as a native array -- filled as entries are appended, or loaded once from the
@@ -28,6 +33,7 @@ file on the first lookup of a sealed segment -- and `searchsorted` runs on that.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from typing import Any, Literal, Self
@@ -35,7 +41,10 @@ from typing import Any, Literal, Self
 import numpy as np
 import numpy.typing as npt
 
+from . import _disk
 from ._config import RELATIVE_OFFSET_LIMIT
+from ._errors import FsyncError
+from ._fs import fsync_file
 
 OFFSET_ENTRY = np.dtype([("relative_offset", ">u4"), ("position", ">u4")])
 TIME_ENTRY = np.dtype([("timestamp", ">i8"), ("relative_offset", ">u4")])
@@ -78,24 +87,25 @@ class _Index:
     @classmethod
     def create(cls, path: str, bytes_max: int) -> Self:
         """A new empty writable index (any old file at `path` is replaced)."""
-        with open(path, "wb"):
-            pass
+        disk = _disk.disk
+        disk.close(disk.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         return cls(path, 0, bytes_max // cls.dtype.itemsize, True)
 
     def _map(self) -> None:
         item = self.dtype.itemsize
         want = self.capacity * item
         if self.writable:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            disk = _disk.disk
+            fd = disk.open(self.path, os.O_RDWR | os.O_CREAT)
             try:
-                if os.fstat(fd).st_size != want:
-                    os.ftruncate(fd, want)
+                if disk.size(fd) != want:
+                    disk.ftruncate(fd, want)
                 # Reserve the blocks now: a store into a memmap page the disk has no room
                 # for is SIGBUS, not an exception; here it is ENOSPC, when the segment opens.
                 if want:
-                    os.posix_fallocate(fd, 0, want)
+                    disk.fallocate(fd, 0, want)
             finally:
-                os.close(fd)
+                disk.close(fd)
         if self.capacity > 0:
             mode: Literal["r+", "r"] = "r+" if self.writable else "r"
             self._mm = np.memmap(self.path, dtype=self.dtype, mode=mode, shape=(self.capacity,))
@@ -139,14 +149,18 @@ class _Index:
     def trim(self) -> None:
         """Cut the file to its entries, flush it to disk and make the index read-only."""
         if self._mm is not None:
-            self._mm.flush()
+            try:
+                self._mm.flush()  # msync: a write-back error here is an fsync failure
+            except OSError as e:
+                raise FsyncError(e.errno or errno.EIO, f"msync of {self.path} failed: {e}") from e
         self._release()
-        fd = os.open(self.path, os.O_RDWR)
+        disk = _disk.disk
+        fd = disk.open(self.path, os.O_RDWR)
         try:
-            os.ftruncate(fd, self.entries * self.dtype.itemsize)
-            os.fsync(fd)
+            disk.ftruncate(fd, self.entries * self.dtype.itemsize)
+            fsync_file(fd, self.path)
         finally:
-            os.close(fd)
+            disk.close(fd)
         keys = self._keys
         self.capacity = self.entries
         self.writable = False

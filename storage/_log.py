@@ -6,6 +6,7 @@
     <dir>/00000000000000000000.snapshot   idempotent-producer state below that offset
                                           (see _producers.py; the newest SNAPSHOTS_KEPT)
     <dir>/recovery-point                  offset below which every segment is whole on disk
+    <dir>/log-start-offset                the log start offset retention last committed to
     <dir>/.clean-shutdown                 present only while the log is closed cleanly
 
 Offsets are assigned here: `append` patches each batch's baseOffset (outside the CRC) and
@@ -29,14 +30,29 @@ What survives a crash, per `LogConfig.fsync`:
             `_flush_behind`); the recovery point passes it only once that is done.
 
 Crash-atomic operations: segment roll (old segment's indexes trimmed and fsynced before the
-new file exists; directory fsynced after; its data fsynced behind), segment deletion (.log
-unlinked first; orphan indexes are removed on open), and the recovery-point and
-clean-shutdown files (temp, fsync, rename, directory fsync). An append is not atomic on
+new file exists; directory fsynced after; its data fsynced behind), segment deletion, and the
+recovery-point, log-start-offset and clean-shutdown files (temp, fsync, rename, directory
+fsync). Deleting segments (retention, `delete_before`) first commits the new log start offset
+to `log-start-offset`, then unlinks (.log first) and fsyncs the directory; open deletes again
+every segment wholly below the committed start, so after a crash the delete has happened
+whole or not at all, and the log start offset never moves back. An append is not atomic on
 disk, which is why recovery cuts a torn tail; a sealed segment past the recovery point may be
 torn too after a power loss, and is cut the same way (with the segments after it).
 
+A failed fsync (`FsyncError`: EIO, or any error of fsync/fdatasync/msync of the log's files
+or directory) takes the log offline, as Kafka takes a log directory offline: Linux may have
+dropped the pages it could not write and reports the error once, so an fsync is never retried
+and nothing is acknowledged after it. The call that met it raises LogOfflineError (so does a
+failure of the helper thread, to the next caller); from then on appends, rolls, flushes and
+retention raise LogOfflineError, reads are served only below `flushed_offset` (what the last
+successful fsync covered; `log_end_offset` reports that offset too), and `close` writes no
+clean-shutdown marker, so the next open scans and cuts what did not reach the disk.
+
 Thread safety: every public method takes the log's lock; batch validation (the CRC) runs
 before it, so concurrent producers overlap their CPU work.
+
+All file-system calls go through the disk layer (`_disk.py`, via `_fs.py` for the durable
+steps), which tests replace by a simulated disk that loses un-fsynced data.
 """
 
 from __future__ import annotations
@@ -51,19 +67,22 @@ import os
 import threading
 from typing import NamedTuple
 
+from . import _disk
 from ._batch import BatchHeader, split_batches
 from ._config import BATCH_BYTES_MAX_LIMIT, SEGMENT_BYTES_LIMIT, FsyncPolicy, LogConfig
 from ._errors import (
     CorruptBatchError,
     CorruptLogError,
     DiskFullError,
+    FsyncError,
     InvalidProducerBatchError,
     LimitExceededError,
     LogClosedError,
+    LogOfflineError,
     OffsetOutOfRangeError,
     StorageError,
 )
-from ._fs import TMP_SUFFIX, atomic_write, fsync_dir
+from ._fs import TMP_SUFFIX, atomic_write, fsync_dir, make_dirs, read_file
 from ._producers import (
     ProducerEntry,
     ProducerStates,
@@ -87,6 +106,9 @@ log = logging.getLogger("riverlog.storage")
 
 CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
 RECOVERY_POINT_FILE = "recovery-point"
+LOG_START_FILE = "log-start-offset"
+# A checkpoint file holds one decimal offset and a newline; anything larger is not ours.
+CHECKPOINT_BYTES_MAX = 64
 # One append may carry several back-to-back batches (one pwritev of 2 iovecs each).
 BATCHES_PER_APPEND_MAX = IOVECS_MAX // 2
 # Bytes in one append. An append into an empty segment may pass segment_bytes (one large
@@ -132,7 +154,10 @@ class PartitionLog:
         self._producers = ProducerStates()
         self._flush_cv = threading.Condition()
         self._flusher: threading.Thread | None = None
-        self._flush_error: BaseException | None = None
+        # Every offset below it is on stable storage (see `flushed_offset`).
+        self._flushed_offset = 0
+        # Why the log went offline (a failed fsync), None while it is online.
+        self._offline: str | None = None
         self.recovered = False
 
     # ------------------------------------------------------------------ open
@@ -145,26 +170,29 @@ class PartitionLog:
 
     def _open(self) -> None:
         d = self.directory
-        os.makedirs(d, exist_ok=True)
-        names = os.listdir(d)
+        disk = _disk.disk
+        make_dirs(d)
+        names = disk.listdir(d)
         bases = sorted(int(n[: -len(LOG_SUFFIX)]) for n in names if _is_segment_file(n, LOG_SUFFIX))
+        bases = self._finish_deletes(bases)
         for n in names:  # temp files of an atomic write that a crash interrupted
             if n.startswith(".") and n.endswith(TMP_SUFFIX):
-                os.unlink(os.path.join(d, n))
+                disk.unlink(os.path.join(d, n))
         for n in names:  # indexes whose .log was deleted (a crash during retention)
             for suffix in (INDEX_SUFFIX, TIMEINDEX_SUFFIX):
                 if _is_segment_file(n, suffix) and int(n[: -len(suffix)]) not in bases:
-                    os.unlink(os.path.join(d, n))
-        marker = os.path.join(d, CLEAN_SHUTDOWN_FILE)
-        clean = os.path.exists(marker)
+                    with contextlib.suppress(FileNotFoundError):
+                        disk.unlink(os.path.join(d, n))
+        clean = CLEAN_SHUTDOWN_FILE in names
         if clean:
-            os.unlink(marker)
+            disk.unlink(os.path.join(d, CLEAN_SHUTDOWN_FILE))
             fsync_dir(d)
         if not bases:
             self._append_segment(Segment.create(d, 0, self.config))
             self._write_recovery_point(0)
         else:
             self._open_segments(bases, clean)
+        self._flushed_offset = self._segments[-1].next_offset
         try:
             self._load_producers()
         except BaseException:
@@ -172,10 +200,31 @@ class PartitionLog:
                 seg.close()
             raise
 
+    def _finish_deletes(self, bases: list[int]) -> list[int]:
+        """Delete the segments wholly below the committed log start offset (a crash cut a
+        delete short); return the bases left. Never the newest segment."""
+        start = self._read_checkpoint(LOG_START_FILE)
+        if start is None:
+            return bases
+        doomed = 0
+        while doomed < len(bases) - 1 and bases[doomed + 1] <= start:
+            doomed += 1
+        if doomed:
+            for base in bases[:doomed]:
+                _unlink_new_segment(self.directory, base)
+            fsync_dir(self.directory)
+            log.warning(
+                "finished deleting %d segment(s) of %s below the log start offset %d",
+                doomed,
+                self.directory,
+                start,
+            )
+        return bases[doomed:]
+
     def _open_segments(self, bases: list[int], clean: bool) -> None:
         """Open the segments at `bases`, scanning and cutting what a crash may have torn."""
         d = self.directory
-        checkpoint = None if clean else self._read_recovery_point()
+        checkpoint = None if clean else self._read_checkpoint(RECOVERY_POINT_FILE)
         # Without a readable checkpoint nothing is known durable: scan all, cut nothing sealed.
         strict = not clean and checkpoint is None
         recovery_point = checkpoint or 0
@@ -195,6 +244,10 @@ class PartitionLog:
                     # (its flush runs behind the roll), so a bad batch there is a torn tail.
                     seg, cut = Segment.open_recover(d, base, self.config, newest or not strict)
                     self.recovered = True
+                    if cut is None and not newest and not strict:
+                        cut = self._gap_after(seg, bases[i + 1])
+                        if cut is None:
+                            seg.seal()  # whole: its indexes are trimmed and trusted next time
                     if cut is not None:
                         cut = self._drop_after(cut, bases[i + 1 :])
                         self.truncations.append(cut)
@@ -220,8 +273,10 @@ class PartitionLog:
             raise
         if self.recovered:
             # What recovery read may have come from the page cache only (a process crash):
-            # make the scanned sealed segments durable before the checkpoint moves past them.
-            for seg in self._segments[first_scanned:-1]:
+            # make the scanned segments durable before the checkpoint moves past them, and
+            # the active one too: everything the log holds after open is on disk
+            # (`flushed_offset`).
+            for seg in self._segments[first_scanned:]:
                 seg.flush()
             self._write_recovery_point(self._segments[-1].base_offset)
             log.info(
@@ -239,7 +294,8 @@ class PartitionLog:
         ones are deleted."""
         d = self.directory
         offsets = sorted(
-            (o for o in map(snapshot_offset, os.listdir(d)) if o is not None), reverse=True
+            (o for o in map(snapshot_offset, _disk.disk.listdir(d)) if o is not None),
+            reverse=True,
         )
         end = self.log_end_offset
         loaded: int | None = None
@@ -263,7 +319,7 @@ class PartitionLog:
                     self._producers = ProducerStates(entries)
                     loaded = offset
                     break
-            os.unlink(os.path.join(d, snapshot_name(offset)))
+            _disk.disk.unlink(os.path.join(d, snapshot_name(offset)))
             removed = True
         if removed:  # an old snapshot must not come back after a power loss
             fsync_dir(d)
@@ -302,18 +358,38 @@ class PartitionLog:
     def _write_snapshot(self, offset: int, entries: dict[int, ProducerEntry]) -> None:
         """Write the producer state at `offset`, then delete all but the newest
         SNAPSHOTS_KEPT. A failure is logged, not raised: the state can be rebuilt from the
-        log, a missing snapshot only makes the next open replay more of it."""
+        log, a missing snapshot only makes the next open replay more of it. Except a failed
+        fsync (FsyncError), which takes the log offline as any other does."""
         d = self.directory
         try:
             atomic_write(
                 os.path.join(d, snapshot_name(offset)), encode_snapshot(offset, entries.values())
             )
-            offsets = sorted(o for o in map(snapshot_offset, os.listdir(d)) if o is not None)
+            names = _disk.disk.listdir(d)
+            offsets = sorted(o for o in map(snapshot_offset, names) if o is not None)
             # No directory fsync: an old snapshot that comes back is still true of the log.
             for old in offsets[:-SNAPSHOTS_KEPT]:
-                os.unlink(os.path.join(d, snapshot_name(old)))
+                _disk.disk.unlink(os.path.join(d, snapshot_name(old)))
+        except FsyncError:
+            raise
         except (OSError, StorageError) as e:
             log.error("producer snapshot of %s at offset %d failed: %s", d, offset, e)
+
+    @staticmethod
+    def _gap_after(seg: Segment, next_base: int) -> Truncation | None:
+        """A sealed segment past the recovery point whose batches end before the next
+        segment starts lost whole batches at its tail (they never reached the disk; nothing
+        torn is left to cut): the log ends there, as after a cut. None if it is whole."""
+        if seg.next_offset >= next_base:
+            return None
+        return Truncation(
+            seg.log_path,
+            seg.size,
+            0,
+            seg.next_offset,
+            f"batches end at offset {seg.next_offset} but the next segment starts at "
+            f"{next_base}: the tail of this segment never reached the disk",
+        )
 
     def _drop_after(self, cut: Truncation, later: list[int]) -> Truncation:
         """A cut in a sealed segment ends the log there: delete the segments after it."""
@@ -333,12 +409,13 @@ class PartitionLog:
             f"{cut.reason}; also deleted {len(later)} later segment(s) from offset {later[0]}",
         )
 
-    def _read_recovery_point(self) -> int | None:
+    def _read_checkpoint(self, name: str) -> int | None:
+        """The offset in checkpoint file `name`; None if there is none or it is damaged."""
         try:
-            with open(os.path.join(self.directory, RECOVERY_POINT_FILE), "rb") as f:
-                value = int(f.read().decode().strip())
+            raw = read_file(os.path.join(self.directory, name), CHECKPOINT_BYTES_MAX)
+            value = int(raw.decode().strip())
         except (FileNotFoundError, ValueError, UnicodeDecodeError):
-            return None  # no checkpoint (or a damaged one)
+            return None
         return value if value >= 0 else None
 
     def _write_recovery_point(self, offset: int) -> None:
@@ -355,7 +432,7 @@ class PartitionLog:
         close drain the queue first.
         """
         with self._flush_cv:
-            while len(self._pending) >= SEALED_FLUSHES_PENDING_MAX and self._flush_error is None:
+            while len(self._pending) >= SEALED_FLUSHES_PENDING_MAX and self._offline is None:
                 self._flush_cv.wait()
             self._pending.append((seg, upto, producers))
             if self._flusher is None:
@@ -365,9 +442,16 @@ class PartitionLog:
                 self._flusher.start()
 
     def _flush_worker(self) -> None:
+        """The helper thread: flush queued sealed segments in order until none is left.
+
+        A failed fsync takes the log offline and drops the queue (the next caller gets
+        LogOfflineError); so does anything unexpected, since the queued segments' durability
+        is then unknown. A full disk while writing the recovery point only leaves the
+        checkpoint behind (the segment itself is on disk); it is logged.
+        """
         while True:
             with self._flush_cv:
-                if not self._pending or self._flush_error is not None:
+                if not self._pending or self._offline is not None:
                     self._pending.clear()
                     self._flusher = None
                     self._flush_cv.notify_all()
@@ -376,25 +460,56 @@ class PartitionLog:
                 seg, upto, producers = self._pending[0]
             try:
                 seg.flush()
+                with self._flush_cv:
+                    self._flushed_offset = max(self._flushed_offset, upto)
                 self._write_recovery_point(upto)
                 self._write_snapshot(upto, producers)
-            except BaseException as e:  # reported to the next caller of the log
-                log.error("background fsync of %s failed: %s", seg.log_path, e)
-                with self._flush_cv:
-                    self._flush_error = e
+            except FsyncError as e:
+                self._take_offline(e)
+                continue
+            except StorageError as e:
+                log.error("recovery point of %s not moved to %d: %s", self.directory, upto, e)
+            except BaseException as e:  # not ours to swallow, but this thread must not die
+                log.error("background fsync of %s failed: %r", seg.log_path, e)
+                self._take_offline(e)
                 continue
             with self._flush_cv:
                 self._pending.popleft()
                 self._flush_cv.notify_all()
 
     def _join_flusher(self) -> None:
-        """Wait until every queued sealed-segment fsync is done; raise if one failed."""
+        """Wait until every queued sealed-segment fsync is done; LogOfflineError if the log
+        is offline (one of them failed)."""
         with self._flush_cv:
             while self._flusher is not None:
                 self._flush_cv.wait()
-            error, self._flush_error = self._flush_error, None
-        if error is not None:
-            raise StorageError(f"fsync of a sealed segment of {self.directory} failed: {error}")
+        if self._offline is not None:
+            raise self._offline_error()
+
+    def _take_offline(self, error: BaseException) -> LogOfflineError:
+        """Mark the log offline because of `error` (the first reason is kept); return the
+        error its callers get."""
+        with self._flush_cv:
+            first = self._offline is None
+            if first:
+                self._offline = str(error) or repr(error)
+            self._flush_cv.notify_all()  # wakes a roll waiting for room in the queue
+        if first:
+            log.error(
+                "log %s is offline: %s; appends are refused and reads are served below "
+                "offset %d until the broker restarts and recovers it from the disk",
+                self.directory,
+                self._offline,
+                self._flushed_offset,
+            )
+        return self._offline_error()
+
+    def _offline_error(self) -> LogOfflineError:
+        return LogOfflineError(
+            f"log {self.directory} is offline after a failed fsync ({self._offline}): it takes "
+            f"no more writes and serves reads below offset {self._flushed_offset} only; a "
+            "restart recovers it from what is on disk"
+        )
 
     def _append_segment(self, seg: Segment) -> None:
         self._segments.append(seg)
@@ -407,7 +522,22 @@ class PartitionLog:
 
     @property
     def log_end_offset(self) -> int:
+        """The offset the next append gets; for an offline log, `flushed_offset`."""
+        if self._offline is not None:
+            return self._flushed_offset
         return self._segments[-1].next_offset
+
+    @property
+    def flushed_offset(self) -> int:
+        """Every offset below this is on stable storage (covered by a successful fsync):
+        the log end offset after open, after `flush` and after every append under fsync
+        `always`; the end of the last sealed segment flushed behind its roll otherwise."""
+        return self._flushed_offset
+
+    @property
+    def offline(self) -> bool:
+        """Whether a failed fsync took the log offline (see the module docstring)."""
+        return self._offline is not None
 
     @property
     def size_bytes(self) -> int:
@@ -457,14 +587,19 @@ class PartitionLog:
         idempotent batch ProducerFencedError, OutOfOrderSequenceError or
         UnknownProducerError (nothing appended). A resend of a batch already appended
         returns the original's offsets with `duplicate` set. With fsync `always` the
-        batches are on stable storage when this returns.
+        batches are on stable storage when this returns. LogOfflineError when an fsync
+        failed, in this call (the batches may or may not be on disk: not acknowledged) or
+        before it (nothing appended).
         """
         view = memoryview(payload)
         if headers is None:
             headers = self.check(view)
         with self._lock:
-            self._check_open()
-            return self._append_locked(view, headers, now_ms)
+            self._check_writable()
+            try:
+                return self._append_locked(view, headers, now_ms)
+            except FsyncError as e:
+                raise self._take_offline(e) from e
 
     def check(self, payload: bytes | bytearray | memoryview) -> list[BatchHeader]:
         """Validate `payload` exactly as `append` does, appending nothing; return its batch
@@ -538,9 +673,12 @@ class PartitionLog:
     def roll(self) -> None:
         """Seal the active segment and start a new one at the log end offset (if non-empty)."""
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if self._segments[-1].size > 0:
-                self._roll_locked()
+                try:
+                    self._roll_locked()
+                except FsyncError as e:
+                    raise self._take_offline(e) from e
 
     def _roll_locked(self) -> Segment:
         """Seal the active segment and create the next. Safe to call again after it failed
@@ -550,6 +688,8 @@ class PartitionLog:
             if not old.sealed:
                 old.seal()
             new = Segment.create(self.directory, old.next_offset, self.config)
+        except FsyncError:
+            raise
         except OSError as e:
             with contextlib.suppress(OSError):
                 _unlink_new_segment(self.directory, old.next_offset)
@@ -585,16 +725,24 @@ class PartitionLog:
         Batches that start at or after `stop_offset` are left out, except the first.
         One read never crosses a segment boundary: call again from the returned offset.
         The bytes may come as a read-only view of a buffer no one else holds (no copy).
+        An offline log serves only the batches below `flushed_offset`, and raises
+        LogOfflineError for an offset from there to the end of what it had appended.
         """
         if max_bytes < 1:
             raise LimitExceededError(f"max_bytes must be at least 1, got {max_bytes}")
         with self._lock:
             self._check_open()
-            end = self.log_end_offset
+            end = self._segments[-1].next_offset
+            if self._offline is not None:
+                durable = self._flushed_offset
+                if durable <= offset <= end:
+                    raise self._offline_error()
+                # A batch boundary: whole batches below it are whole on disk.
+                stop_offset = durable if stop_offset is None else min(stop_offset, durable)
             if offset == end:
                 return b"", offset
             if offset < self.log_start_offset or offset > end:
-                raise OffsetOutOfRangeError(offset, self.log_start_offset, end)
+                raise OffsetOutOfRangeError(offset, self.log_start_offset, self.log_end_offset)
             seg = self._segments[bisect.bisect_right(self._bases, offset) - 1]
             return seg.read(offset, max_bytes, stop_offset)
 
@@ -612,26 +760,30 @@ class PartitionLog:
         """Delete whole sealed segments, oldest first, past `retention_bytes` or older than
         `retention_ms` (by their newest record). Never the active one. Returns how many."""
         with self._lock:
-            self._check_open()
-            self._join_flusher()  # never delete a segment whose fsync is in flight
+            self._check_writable()
             cfg = self.config
-            deleted = 0
-            total = sum(seg.size for seg in self._segments)
-            while len(self._segments) - deleted > 1:
-                oldest = self._segments[deleted]
-                over_size = (
-                    cfg.retention_bytes is not None and total - oldest.size >= cfg.retention_bytes
-                )
-                expired = (
-                    cfg.retention_ms is not None
-                    and oldest.max_timestamp is not None
-                    and now_ms - oldest.max_timestamp > cfg.retention_ms
-                )
-                if not (over_size or expired):
-                    break
-                total -= oldest.size
-                deleted += 1
-            self._drop_oldest_locked(deleted, "retention")
+            try:
+                self._join_flusher()  # never delete a segment whose fsync is in flight
+                deleted = 0
+                total = sum(seg.size for seg in self._segments)
+                while len(self._segments) - deleted > 1:
+                    oldest = self._segments[deleted]
+                    over_size = (
+                        cfg.retention_bytes is not None
+                        and total - oldest.size >= cfg.retention_bytes
+                    )
+                    expired = (
+                        cfg.retention_ms is not None
+                        and oldest.max_timestamp is not None
+                        and now_ms - oldest.max_timestamp > cfg.retention_ms
+                    )
+                    if not (over_size or expired):
+                        break
+                    total -= oldest.size
+                    deleted += 1
+                self._drop_oldest_locked(deleted, "retention")
+            except FsyncError as e:
+                raise self._take_offline(e) from e
             return deleted
 
     def delete_before(self, offset: int) -> int:
@@ -641,22 +793,39 @@ class PartitionLog:
 
         For an owner that has made those records redundant (a snapshot covering them)."""
         with self._lock:
-            self._check_open()
-            self._join_flusher()  # never delete a segment whose fsync is in flight
-            deleted = 0
-            while (
-                len(self._segments) - deleted > 1
-                and self._segments[deleted + 1].base_offset <= offset
-            ):
-                deleted += 1
-            self._drop_oldest_locked(deleted, f"below offset {offset}")
+            self._check_writable()
+            try:
+                self._join_flusher()  # never delete a segment whose fsync is in flight
+                deleted = 0
+                while (
+                    len(self._segments) - deleted > 1
+                    and self._segments[deleted + 1].base_offset <= offset
+                ):
+                    deleted += 1
+                self._drop_oldest_locked(deleted, f"below offset {offset}")
+            except FsyncError as e:
+                raise self._take_offline(e) from e
             return deleted
 
     def _drop_oldest_locked(self, count: int, why: str) -> None:
-        """Delete the `count` oldest segments (never the active one), then fsync the dir."""
+        """Delete the `count` oldest segments (never the active one).
+
+        The new log start offset is committed first (`LOG_START_FILE`, written whole): after
+        a crash from there on, open deletes the rest. Then the files are unlinked and the
+        directory fsynced. If the disk is too full for that small file, the segments are
+        deleted anyway (retention is what frees the disk): a crash part-way then leaves the
+        oldest of them deleted and the log start offset between the old and the new.
+        """
         assert count < len(self._segments)
         if count == 0:
             return
+        start = self._segments[count].base_offset
+        try:
+            atomic_write(os.path.join(self.directory, LOG_START_FILE), f"{start}\n".encode())
+        except DiskFullError as e:
+            log.warning(
+                "deleting segments of %s without committing the start: %s", self.directory, e
+            )
         for _ in range(count):
             self._bases.pop(0)
             self._segments.pop(0).delete()
@@ -671,16 +840,23 @@ class PartitionLog:
 
     # ------------------------------------------------------------------ durability
     def flush(self, now_ms: int | None = None) -> None:
-        """fsync the active segment's appended bytes."""
+        """fsync the active segment's appended bytes (after any sealed segment still waiting
+        for its fsync). LogOfflineError if an fsync fails."""
         with self._lock:
-            self._check_open()
-            self._flush_locked(now_ms)
+            self._check_writable()
+            try:
+                self._flush_locked(now_ms)
+            except FsyncError as e:
+                raise self._take_offline(e) from e
 
     def flush_if_due(self, now_ms: int) -> bool:
         """For fsync `interval`: fsync if the interval has passed since the last one."""
         with self._lock:
-            self._check_open()
-            return self._flush_if_due_locked(now_ms)
+            self._check_writable()
+            try:
+                return self._flush_if_due_locked(now_ms)
+            except FsyncError as e:
+                raise self._take_offline(e) from e
 
     def _flush_if_due_locked(self, now_ms: int) -> bool:
         if not self._dirty or self.config.fsync != FsyncPolicy.INTERVAL:
@@ -694,28 +870,38 @@ class PartitionLog:
 
     def _flush_locked(self, now_ms: int | None) -> None:
         self._join_flusher()  # a sealed segment still on its way to disk comes first
-        self._segments[-1].flush()
+        active = self._segments[-1]
+        if self._dirty:  # else every append is on disk already (fsync `always`, or flushed)
+            active.flush()
+        self._flushed_offset = active.next_offset
         self._dirty = False
         if now_ms is not None:
             self._last_flush_ms = now_ms
 
     def close(self) -> None:
-        """Flush everything, trim indexes, write the clean-shutdown marker; idempotent."""
+        """Flush everything, trim indexes, write the clean-shutdown marker; idempotent.
+
+        An offline log (or one whose fsync fails here) is only released: no flush, no
+        marker, so the next open recovers it from the disk. That is logged, not raised, so
+        a broker closing many logs closes them all."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
                 self._join_flusher()
-            except StorageError:
+                for seg in self._segments:
+                    seg.close(clean=True)
+                self._write_recovery_point(self._segments[-1].next_offset)
+                self._write_snapshot(self._segments[-1].next_offset, self._producers.copy())
+                atomic_write(os.path.join(self.directory, CLEAN_SHUTDOWN_FILE), b"")
+            except (FsyncError, LogOfflineError) as e:
+                if isinstance(e, FsyncError):
+                    self._take_offline(e)
+                log.warning("log %s closed without a clean-shutdown marker: %s", self.directory, e)
+            finally:
                 for seg in self._segments:
                     seg.close()
-                raise  # no clean marker: the next open scans and checks
-            for seg in self._segments:
-                seg.close(clean=True)
-            self._write_recovery_point(self.log_end_offset)
-            self._write_snapshot(self.log_end_offset, self._producers.copy())
-            atomic_write(os.path.join(self.directory, CLEAN_SHUTDOWN_FILE), b"")
 
     def abandon(self) -> None:
         """Release files without flushing or marking clean (as a crash would leave them)."""
@@ -729,6 +915,11 @@ class PartitionLog:
     def _check_open(self) -> None:
         if self._closed:
             raise LogClosedError(f"log {self.directory} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._offline is not None:
+            raise self._offline_error()
 
     def __enter__(self) -> PartitionLog:
         return self
@@ -767,7 +958,7 @@ def _unlink_new_segment(directory: str, base_offset: int) -> None:
     stem = os.path.join(directory, file_stem(base_offset))
     for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIMEINDEX_SUFFIX):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(stem + suffix)
+            _disk.disk.unlink(stem + suffix)
 
 
 def _is_segment_file(name: str, suffix: str) -> bool:

@@ -55,7 +55,8 @@ has been applied. Big-endian; the CRC lets open tell a torn or damaged file from
                        lastOffset        i64
                        logAppendTimeMs   i64
 
-Nothing here does I/O except `read_snapshot`; `ProducerStates` takes values and `now_ms`.
+Nothing here does I/O except `read_snapshot` (through the disk layer, `_fs.read_file`);
+`ProducerStates` takes values and `now_ms`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from ._errors import (
     ProducerFencedError,
     UnknownProducerError,
 )
+from ._fs import read_file
 
 # Batches remembered per producer id for duplicate detection: Kafka's value, matched by its
 # clients' max.in.flight.requests.per.connection <= 5 for idempotent producers.
@@ -370,6 +372,5 @@ def decode_snapshot(data: bytes, offset: int) -> dict[int, ProducerEntry]:
 
 def read_snapshot(directory: str, offset: int) -> dict[int, ProducerEntry]:
     """Read and decode the snapshot at `offset`; SnapshotError (or OSError) if unusable."""
-    with open(os.path.join(directory, snapshot_name(offset)), "rb") as f:
-        data = f.read()
+    data = read_file(os.path.join(directory, snapshot_name(offset)))
     return decode_snapshot(data, offset)

@@ -9,6 +9,9 @@ a crash can leave a torn tail, which `recover` cuts. Index entries are written t
 after the log bytes; indexes are rebuilt by `recover`, so their order on disk does not matter.
 `seal` makes the segment read-only (final time-index entry, indexes trimmed and fsynced);
 its log bytes are fsynced by the owner (PartitionLog), at once or right behind the roll.
+
+Every file-system call goes through the disk layer (`_disk.py`); a failed fdatasync raises
+`FsyncError` (see `_fs.py`), which the owner turns into taking the log offline.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from . import _disk
 from ._batch import (
     HEADER_BYTES,
     LOG_OVERHEAD,
@@ -29,6 +33,7 @@ from ._batch import (
 )
 from ._config import RELATIVE_OFFSET_LIMIT, LogConfig
 from ._errors import CorruptBatchError, CorruptLogError, DiskFullError, StorageError
+from ._fs import fsync_file
 from ._index import OffsetIndex, TimeIndex
 
 LOG_SUFFIX = ".log"
@@ -85,7 +90,7 @@ class Segment:
     @classmethod
     def create(cls, directory: str, base_offset: int, config: LogConfig) -> Segment:
         seg = cls(directory, base_offset, config)
-        seg.fd = os.open(seg.log_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        seg.fd = _disk.disk.open(seg.log_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         seg.offset_index = OffsetIndex.create(seg.index_path, config.index_bytes_max)
         seg.time_index = TimeIndex.create(seg.timeindex_path, config.index_bytes_max)
         return seg
@@ -101,8 +106,8 @@ class Segment:
         fail their sanity check are rebuilt by a full recovery scan of this segment.
         """
         seg = cls(directory, base_offset, config)
-        seg.fd = os.open(seg.log_path, os.O_RDWR)
-        seg.size = os.fstat(seg.fd).st_size
+        seg.fd = _disk.disk.open(seg.log_path, os.O_RDWR)
+        seg.size = _disk.disk.size(seg.fd)
         active = next_offset is None
         rel_end = None if active else next_offset - base_offset  # type: ignore[operator]
         try:
@@ -158,7 +163,7 @@ class Segment:
         self.bytes_since_index = self.size - self.offset_index.last()[1]
 
     def _prefix_at(self, pos: int) -> tuple[int, ...]:
-        raw = os.pread(self.fd, _PREFIX_BYTES, pos)
+        raw = _disk.disk.pread(self.fd, _PREFIX_BYTES, pos)
         if len(raw) < _PREFIX_BYTES:
             raise CorruptBatchError(f"short header at byte {pos}")
         return _PREFIX.unpack(raw)
@@ -173,8 +178,8 @@ class Segment:
         raises CorruptLogError naming the file and byte position.
         """
         seg = cls(directory, base_offset, config)
-        seg.fd = os.open(seg.log_path, os.O_RDWR)
-        seg.size = os.fstat(seg.fd).st_size
+        seg.fd = _disk.disk.open(seg.log_path, os.O_RDWR)
+        seg.size = _disk.disk.size(seg.fd)
         cut = seg.recover(truncate=newest)
         return seg, cut
 
@@ -201,8 +206,8 @@ class Segment:
             if not truncate:
                 self.close()
                 raise CorruptLogError(self.log_path, pos, reason)
-            os.ftruncate(self.fd, pos)
-            os.fsync(self.fd)
+            _disk.disk.ftruncate(self.fd, pos)
+            fsync_file(self.fd, self.log_path)
             cut = Truncation(self.log_path, pos, file_bytes - pos, self.next_offset, reason)
         self.size = pos
         if not truncate:
@@ -285,14 +290,15 @@ class Segment:
             pos += size
         total = pos
         start = self.size
+        disk = _disk.disk
         try:
-            written = os.pwritev(self.fd, iov, start)
+            written = disk.pwritev(self.fd, iov, start)
             while written < total:  # rare: a short write; finish it from where it stopped
                 rest = b"".join(bytes(v) for v in iov)[written:]
-                written += os.pwrite(self.fd, rest, start + written)
+                written += disk.pwrite(self.fd, rest, start + written)
         except OSError as e:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, start)
+                disk.ftruncate(self.fd, start)
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(
                     f"no space left on device writing {total} bytes to {self.log_path}"
@@ -347,13 +353,14 @@ class Segment:
         _rel, pos = self.offset_index.lookup(offset - self.base_offset)
         end = self.size
         chunk_at = pos
-        chunk = os.pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
+        pread = _disk.disk.pread
+        chunk = pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
         # Find the batch holding `offset`.
         while True:
             head = self._prefix_in(chunk, chunk_at, pos)
             if head is None:
                 chunk_at = pos
-                chunk = os.pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
+                chunk = pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
                 head = self._prefix_in(chunk, chunk_at, pos)
                 if head is None:
                     raise StorageError(f"{self.log_path}: short batch header at byte {pos}")
@@ -384,7 +391,7 @@ class Segment:
                 return chunk, next_offset
             # A view, not a slice: a 1 MiB fetch would otherwise copy its bytes once more.
             return memoryview(chunk)[start - chunk_at : stop - chunk_at], next_offset
-        return os.pread(self.fd, stop - start, start), next_offset
+        return pread(self.fd, stop - start, start), next_offset
 
     @staticmethod
     def _prefix_in(chunk: bytes, chunk_at: int, pos: int) -> tuple[int, ...] | None:
@@ -403,7 +410,7 @@ class Segment:
             head = self._prefix_at(pos)
             length, max_ts = head[1], head[8]
             if max_ts >= timestamp_ms:
-                batch = os.pread(self.fd, length + LOG_OVERHEAD, pos)
+                batch = _disk.disk.pread(self.fd, length + LOG_OVERHEAD, pos)
                 _header, records = decode_batch(batch)
                 for record in records:
                     if record.timestamp_ms >= timestamp_ms:
@@ -413,7 +420,8 @@ class Segment:
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        """fdatasync the .log; FsyncError if it fails (the caller must not retry)."""
+        fsync_file(self.fd, self.log_path, data_only=True)
 
     def seal(self) -> None:
         """Make the segment read-only: final time-index entry, indexes trimmed and fsynced.
@@ -441,8 +449,8 @@ class Segment:
             self.time_index.trim()
         self._close_indexes()
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            _disk.disk.close(fd)
 
     def _close_indexes(self) -> None:
         for name in ("offset_index", "time_index"):
@@ -455,4 +463,4 @@ class Segment:
         self.close()
         for path in (self.log_path, self.index_path, self.timeindex_path):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                _disk.disk.unlink(path)

@@ -80,7 +80,7 @@ from storage import (
 )
 from storage._catalog import INTERNAL_TOPIC_NAMES, TOPIC_NAME_CHARS_MAX
 from storage._config import MiB
-from storage._fs import atomic_write
+from storage._fs import atomic_write, read_file
 
 log = logging.getLogger("riverlog.groups")
 
@@ -493,7 +493,7 @@ class OffsetStore:
         """Load the snapshot into the map; return the log offset it covers (0 if none)."""
         path = self._snapshot_path
         try:
-            raw = path.read_bytes()
+            raw = read_file(path)  # through the storage engine's disk layer, as every write
         except FileNotFoundError:
             return 0
         try:
