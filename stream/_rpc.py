@@ -14,7 +14,8 @@ StorageError subclass; `status_for` maps them, and nothing else reaches the clie
                          idempotent batch out of sequence or from an unknown producer id
     ABORTED              stale member epoch (heartbeat, then retry); fenced producer epoch
     PERMISSION_DENIED    commit or fetch for a partition the member does not own
-    UNAVAILABLE          the broker is shutting down
+    UNAVAILABLE          the broker is shutting down; a partition log offline after a failed
+                         fsync (LOG_OFFLINE)
     INTERNAL             a corrupt log or an unexpected failure (logged with its traceback)
 """
 
@@ -35,6 +36,7 @@ from storage import (
     InvalidNameError,
     LimitExceededError,
     LogClosedError,
+    LogOfflineError,
     OffsetOutOfRangeError,
     OutOfOrderSequenceError,
     ProducerFencedError,
@@ -77,6 +79,7 @@ _STATUS: list[tuple[type[StorageError], grpc.StatusCode]] = [
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (LogOfflineError, grpc.StatusCode.UNAVAILABLE),
     (LogClosedError, grpc.StatusCode.UNAVAILABLE),
 ]
 
@@ -108,6 +111,7 @@ _ERROR_NAMES: list[tuple[type[StorageError], str]] = [
     (OutOfOrderSequenceError, "OUT_OF_ORDER_SEQUENCE"),
     (UnknownProducerError, "UNKNOWN_PRODUCER"),
     (ProducerFencedError, "PRODUCER_FENCED"),
+    (LogOfflineError, "LOG_OFFLINE"),
 ]
 
 
