@@ -6,8 +6,9 @@
     │   ├── UnsupportedCodecError    a valid batch compressed with a codec we cannot decode
     │   └── InvalidProducerBatchError  an idempotent batch (producerId >= 0) that is not alone
     │                                in its append, or has a negative epoch or base sequence
-    ├── CorruptLogError              a sealed segment holds a bad batch: the partition refuses
-    │                                to open rather than cut acknowledged data (names file, byte)
+    ├── CorruptLogError              a segment known to be on disk holds a bad batch: the
+    │                                partition refuses to open (or the read of that batch is
+    │                                refused) rather than cut or serve it (names file, byte)
     ├── LimitExceededError           a named limit was crossed (batch bytes, partitions, ...)
     ├── OutOfOrderSequenceError      an idempotent batch whose base sequence is not the next
     │                                one its producer id owes this partition (a gap, a stale
@@ -46,7 +47,7 @@ class UnsupportedCodecError(CorruptBatchError):
 
 
 class CorruptLogError(StorageError):
-    """A segment that must not be truncated holds a bad batch."""
+    """A segment that must not be truncated holds a bad batch (found at open or by a read)."""
 
     def __init__(self, path: str, position: int, reason: str) -> None:
         super().__init__(f"{path}: corrupt batch at byte {position}: {reason}")

@@ -29,6 +29,25 @@ numpy cannot binary-search a big-endian column without converting all of it (mea
 ~120 us for 262k entries, against 0.4 us on native integers). So each index keeps its key
 column also as a native array -- filled as entries are appended, or loaded once from the
 file on the first lookup of a sealed segment -- and `searchsorted` runs on that.
+
+An index in bounds and in order can still be wrong (one flipped bit in a middle entry), so
+a segment's final indexes are vouched for by a checksum sidecar, `<stem>.indexsum`, written
+when they become final (seal, clean close) and checked before the segment is opened without
+a scan; one that is missing or does not match means "rebuild from the log". 44 bytes,
+big-endian:
+
+      0  4s   magic b"RLIX"
+      4  u16  format version (1)
+      6  u16  reserved, 0
+      8  i64  log bytes: the .log's size when the indexes were made final
+     16  i64  next offset: the offset after the segment's last batch
+     24  u32  .index bytes         28  u32  CRC32C of them
+     32  u32  .timeindex bytes     36  u32  CRC32C of them
+     40  u32  CRC32C of bytes [0, 40): a torn or damaged sidecar is told from a stale one
+
+The log size and next offset let a segment known to be on disk notice that its .log lost
+(or gained) whole batches, which no batch check can see. The sidecar is written in place
+(no rename): a torn one fails its own CRC and only costs a rebuild.
 """
 
 from __future__ import annotations
@@ -36,20 +55,95 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _disk
+from ._batch import crc32c
 from ._config import RELATIVE_OFFSET_LIMIT
 from ._errors import FsyncError
-from ._fs import fsync_file
+from ._fs import fsync_file, read_file, write_all
 
 OFFSET_ENTRY = np.dtype([("relative_offset", ">u4"), ("position", ">u4")])
 TIME_ENTRY = np.dtype([("timestamp", ">i8"), ("relative_offset", ">u4")])
 assert OFFSET_ENTRY.itemsize == struct.calcsize(">II") == 8
 assert TIME_ENTRY.itemsize == struct.calcsize(">qI") == 12
+
+# The .indexsum sidecar (layout in the module docstring): the body, then its own CRC32C.
+INDEXSUM_MAGIC = b"RLIX"
+INDEXSUM_VERSION = 1
+_INDEXSUM_BODY = struct.Struct(">4sHHqqIIII")
+_INDEXSUM_CRC = struct.Struct(">I")
+INDEXSUM_BYTES = _INDEXSUM_BODY.size + _INDEXSUM_CRC.size
+assert _INDEXSUM_BODY.size == 40
+assert INDEXSUM_BYTES == 44
+# Index byte counts are stored as u32: index_bytes_max is at most 1 GiB (LogConfig).
+INDEX_BYTES_LIMIT = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSum:
+    """What a segment's `.indexsum` sidecar vouches for (see the module docstring)."""
+
+    log_bytes: int
+    next_offset: int
+    index_bytes: int
+    index_crc: int
+    timeindex_bytes: int
+    timeindex_crc: int
+
+    def encode(self) -> bytes:
+        body = _INDEXSUM_BODY.pack(
+            INDEXSUM_MAGIC,
+            INDEXSUM_VERSION,
+            0,
+            self.log_bytes,
+            self.next_offset,
+            self.index_bytes,
+            self.index_crc,
+            self.timeindex_bytes,
+            self.timeindex_crc,
+        )
+        return body + _INDEXSUM_CRC.pack(crc32c(body))
+
+    @classmethod
+    def decode(cls, data: bytes) -> IndexSum:
+        """The sidecar in `data`; ValueError saying why it is not one we wrote whole."""
+        if len(data) != INDEXSUM_BYTES:
+            raise ValueError(f"{len(data)} bytes, a sidecar has {INDEXSUM_BYTES}")
+        body = data[: _INDEXSUM_BODY.size]
+        (stored,) = _INDEXSUM_CRC.unpack_from(data, _INDEXSUM_BODY.size)
+        if crc32c(body) != stored:
+            raise ValueError(
+                f"CRC32C mismatch: stored {stored:#010x}, bytes give {crc32c(body):#010x}"
+            )
+        magic, version, _reserved, *fields = _INDEXSUM_BODY.unpack(body)
+        if magic != INDEXSUM_MAGIC:
+            raise ValueError(f"magic {magic!r}, expected {INDEXSUM_MAGIC!r}")
+        if version != INDEXSUM_VERSION:
+            raise ValueError(f"format version {version}, this build reads {INDEXSUM_VERSION}")
+        return cls(*fields)
+
+
+def write_indexsum(path: str, summary: IndexSum) -> None:
+    """Write (in place) and fsync the sidecar at `path`; the caller fsyncs the directory
+    before anything relies on the file's name (see `Segment.seal`). FsyncError if the fsync
+    fails; other OSErrors (ENOSPC) as they come."""
+    disk = _disk.disk
+    fd = disk.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        write_all(fd, summary.encode(), 0)
+        fsync_file(fd, path)
+    finally:
+        disk.close(fd)
+
+
+def read_indexsum(path: str) -> IndexSum:
+    """The sidecar at `path`: FileNotFoundError if there is none, ValueError if damaged."""
+    return IndexSum.decode(read_file(path, INDEXSUM_BYTES))
 
 
 class _Index:
@@ -128,6 +222,16 @@ class _Index:
                 keys = self._mm[self.key_field][: self.entries]
                 self._keys = np.array(keys, dtype=self.key_native)
         return self._keys[: self.entries]
+
+    def digest(self) -> tuple[int, int]:
+        """(bytes, CRC32C) of the valid entries: what the trimmed file holds."""
+        if self._mm is None or self.entries == 0:
+            return 0, crc32c(b"")
+        entries = np.ascontiguousarray(self._mm[: self.entries]).view(np.uint8)
+        size = self.entries * self.dtype.itemsize
+        assert size <= INDEX_BYTES_LIMIT
+        with entries.data as view:  # released at once: the map is closed on trim and close
+            return size, crc32c(view)
 
     def column(self, name: str) -> npt.NDArray[Any]:
         """A native copy of one column's valid entries (for checks and tests)."""

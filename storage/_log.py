@@ -3,14 +3,18 @@
     <dir>/00000000000000000000.log        segments, named by base offset
     <dir>/00000000000000000000.index      sparse offset index   (see _index.py)
     <dir>/00000000000000000000.timeindex  sparse time index
+    <dir>/00000000000000000000.indexsum   checksums of the two final indexes (see _index.py)
     <dir>/00000000000000000000.snapshot   idempotent-producer state below that offset
                                           (see _producers.py; the newest SNAPSHOTS_KEPT)
     <dir>/recovery-point                  offset below which every segment is whole on disk
     <dir>/log-start-offset                the log start offset retention last committed to
-    <dir>/.clean-shutdown                 present only while the log is closed cleanly
+    <dir>/.clean-shutdown                 present only while the log is closed cleanly (open
+                                          removes it once every segment has opened)
 
 Offsets are assigned here: `append` patches each batch's baseOffset (outside the CRC) and
-writes the batches with one positional write. Reads return whole batches as stored.
+writes the batches with one positional write. Reads return whole batches as stored, each one
+checked (CRC32C) at least once since open: by the open's scan, by `check` before it was
+appended, or by the first read that returns it (see "Open, and what is trusted" below).
 
 Idempotent producers: a batch with producerId >= 0 must come alone; it is checked against
 the partition's producer state (`ProducerStates`) under the lock before it is written, and
@@ -29,15 +33,30 @@ What survives a crash, per `LogConfig.fsync`:
             back. A sealed segment is fsynced by a helper thread right behind its roll (see
             `_flush_behind`); the recovery point passes it only once that is done.
 
-Crash-atomic operations: segment roll (old segment's indexes trimmed and fsynced before the
-new file exists; directory fsynced after; its data fsynced behind), segment deletion, and the
-recovery-point, log-start-offset and clean-shutdown files (temp, fsync, rename, directory
-fsync). Deleting segments (retention, `delete_before`) first commits the new log start offset
-to `log-start-offset`, then unlinks (.log first) and fsyncs the directory; open deletes again
-every segment wholly below the committed start, so after a crash the delete has happened
-whole or not at all, and the log start offset never moves back. An append is not atomic on
-disk, which is why recovery cuts a torn tail; a sealed segment past the recovery point may be
-torn too after a power loss, and is cut the same way (with the segments after it).
+Crash-atomic operations: segment roll (old segment's indexes trimmed and fsynced, then its
+.indexsum written and fsynced, before the new file exists; directory fsynced after; its data
+fsynced behind), segment deletion, and the recovery-point, log-start-offset and
+clean-shutdown files (temp, fsync, rename, directory fsync). Deleting segments (retention,
+`delete_before`) first commits the new log start offset to `log-start-offset`, then unlinks
+(.log first) and fsyncs the directory; open deletes again every segment wholly below the
+committed start, so after a crash the delete has happened whole or not at all, and the log
+start offset never moves back. An append is not atomic on disk, which is why recovery cuts
+a torn tail; a sealed segment past the recovery point may be torn too after a power loss,
+and is cut the same way (with the segments after it).
+
+Open, and what is trusted. After a clean shutdown every segment, and after a crash every
+segment wholly below the recovery point, is "known to be on disk": it is opened without
+reading its batches (`Segment.open_trusted`), so a start costs a checksum of each segment's
+indexes, not a scan of its data. Its indexes are used only if the segment's `.indexsum`
+sidecar (written, fsynced, when they became final: at the seal, before the recovery point can
+pass the segment, or at a clean close) matches them and the .log's size; otherwise the log is
+scanned, changing nothing, and either the indexes are rebuilt (the log is whole: a damaged,
+missing or pre-sidecar index) or the partition refuses to open with CorruptLogError naming the
+file and byte position (a bad batch, or a log that lost whole batches): a segment known to be
+on disk holds acknowledged records and is never cut. Its batches are checked lazily instead,
+by the reads (see _segment.py): a read never serves a bad batch; it stops before one, or
+raises CorruptLogError when the batch it must start with is bad. The other segments (past the
+recovery point, or all of them without a readable one) are scanned at open, as above.
 
 A failed fsync (`FsyncError`: EIO, or any error of fsync/fdatasync/msync of the log's files
 or directory) takes the log offline, as Kafka takes a log directory offline: Linux may have
@@ -93,10 +112,9 @@ from ._producers import (
     snapshot_offset,
 )
 from ._segment import (
-    INDEX_SUFFIX,
     IOVECS_MAX,
     LOG_SUFFIX,
-    TIMEINDEX_SUFFIX,
+    SEGMENT_SUFFIXES,
     Segment,
     Truncation,
     file_stem,
@@ -178,15 +196,12 @@ class PartitionLog:
         for n in names:  # temp files of an atomic write that a crash interrupted
             if n.startswith(".") and n.endswith(TMP_SUFFIX):
                 disk.unlink(os.path.join(d, n))
-        for n in names:  # indexes whose .log was deleted (a crash during retention)
-            for suffix in (INDEX_SUFFIX, TIMEINDEX_SUFFIX):
+        for n in names:  # indexes and sidecars whose .log was deleted (a crash in retention)
+            for suffix in SEGMENT_SUFFIXES[1:]:
                 if _is_segment_file(n, suffix) and int(n[: -len(suffix)]) not in bases:
                     with contextlib.suppress(FileNotFoundError):
                         disk.unlink(os.path.join(d, n))
         clean = CLEAN_SHUTDOWN_FILE in names
-        if clean:
-            disk.unlink(os.path.join(d, CLEAN_SHUTDOWN_FILE))
-            fsync_dir(d)
         if not bases:
             self._append_segment(Segment.create(d, 0, self.config))
             self._write_recovery_point(0)
@@ -195,6 +210,12 @@ class PartitionLog:
         self._flushed_offset = self._segments[-1].next_offset
         try:
             self._load_producers()
+            if clean:
+                # Only now: an open that refuses (CorruptLogError) leaves the marker, so the
+                # next attempt trusts the same segments and refuses again, rather than treat
+                # the newest one as torn and cut it.
+                disk.unlink(os.path.join(d, CLEAN_SHUTDOWN_FILE))
+                fsync_dir(d)
         except BaseException:
             for seg in self._segments:
                 seg.close()
@@ -727,6 +748,9 @@ class PartitionLog:
         The bytes may come as a read-only view of a buffer no one else holds (no copy).
         An offline log serves only the batches below `flushed_offset`, and raises
         LogOfflineError for an offset from there to the end of what it had appended.
+        A batch that fails its check (damage in a segment opened without a scan) is never
+        returned: the read ends before it, or raises CorruptLogError (file, byte position)
+        when it is the batch holding `offset`.
         """
         if max_bytes < 1:
             raise LimitExceededError(f"max_bytes must be at least 1, got {max_bytes}")
@@ -747,7 +771,8 @@ class PartitionLog:
             return seg.read(offset, max_bytes, stop_offset)
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
-        """The first offset whose record timestamp is >= `timestamp_ms`; None if there is none."""
+        """The first offset whose record timestamp is >= `timestamp_ms`; None if there is none.
+        CorruptLogError (file, byte position) if a batch it must read is damaged."""
         with self._lock:
             self._check_open()
             for seg in self._segments:
@@ -956,7 +981,7 @@ def _check_producer_fields(header: BatchHeader, batches: int) -> None:
 
 def _unlink_new_segment(directory: str, base_offset: int) -> None:
     stem = os.path.join(directory, file_stem(base_offset))
-    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIMEINDEX_SUFFIX):
+    for suffix in SEGMENT_SUFFIXES:
         with contextlib.suppress(FileNotFoundError):
             _disk.disk.unlink(stem + suffix)
 

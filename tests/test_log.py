@@ -9,6 +9,7 @@ one at a time (roll triggers, retention, limits, disk full, fsync policy, thread
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -57,6 +58,11 @@ QUIET = LogConfig(segment_bytes=1 << 20, segment_ms=None, retention_ms=None)
 
 
 # ---------------------------------------------------------------------------- helpers
+def file_stem(base_offset: int) -> str:
+    """A segment's file name without its suffix (storage/_segment.py)."""
+    return f"{base_offset:020d}"
+
+
 def _config(**changes: Any) -> LogConfig:
     return dataclasses.replace(QUIET, **changes)
 
@@ -593,6 +599,55 @@ def test_disk_full_appends_nothing_and_the_next_append_succeeds(
         assert _all_records(plog) == (
             _expected_records(_records(2), 0) + _expected_records(_records(3, tag=b"x"), 2)
         )
+
+
+def _fds_under(directory: Path) -> list[str]:
+    """Files under `directory` this process holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # listdir's own descriptor is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(f"{directory}/"):
+                found.append(target)
+    return sorted(found)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("failing_index", [".index", ".timeindex"])
+def test_a_refused_roll_leaves_no_file_open_and_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_index: str
+) -> None:
+    """Segment.create opens the new .log, then preallocates its two indexes; when that fails
+    (ENOSPC), what it opened is closed and what it created removed, on every attempt."""
+    real_fallocate = os.posix_fallocate
+
+    def no_space_for(path_suffix: str) -> Callable[[int, int, int], None]:
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(path_suffix):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fallocate(fd, offset, length)
+
+        return fallocate
+
+    with PartitionLog.open(tmp_path, QUIET) as plog:
+        plog.append(_batch(2), now_ms=0)
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "posix_fallocate", no_space_for(failing_index))
+            open_after: list[list[str]] = []
+            files_after: list[list[str]] = []
+            for _attempt in range(3):  # the first seals segment 0, then each fails the same
+                with pytest.raises(DiskFullError, match="no space left on device rolling"):
+                    plog.roll()
+                open_after.append(_fds_under(tmp_path))
+                files_after.append(sorted(p.name for p in tmp_path.iterdir()))
+        assert open_after[0] == open_after[1] == open_after[2]
+        assert not any(file_stem(2) in path for path in open_after[0])  # the new segment's
+        assert files_after[0] == files_after[1] == files_after[2]
+        assert not any(name.startswith(file_stem(2)) for name in files_after[0])
+        plog.roll()  # space again: the sealed segment is rolled past
+        assert plog.append(_batch(1), now_ms=1).base_offset == 2
+        assert plog.segment_count == 2
+    assert _fds_under(tmp_path) == []
 
 
 def test_disk_full_after_a_short_write_cuts_the_partial_batch(

@@ -36,6 +36,7 @@ from storage import (
     PartitionLog,
     Record,
     Truncation,
+    check_batch,
     decode_records,
     encode_batch,
     read_header,
@@ -575,14 +576,211 @@ def test_orphan_indexes_of_a_deleted_segment_are_removed_on_open(
     else:
         log.abandon()
     oldest, second = _logs(directory)[:2]
+    assert oldest.with_suffix(".indexsum").exists()
     oldest.unlink()
 
     log = PartitionLog.open(directory, CONFIG)
     assert not oldest.with_suffix(".index").exists()
     assert not oldest.with_suffix(".timeindex").exists()
+    assert not oldest.with_suffix(".indexsum").exists()
     assert log.log_start_offset == int(second.stem)
     expected.check(log, end_offset)
     log.close()
+
+
+# ---------------------------------------------------------------------------- known on disk
+# Segments known to be on disk (after a clean close, or below the recovery point) are opened
+# without a scan. Their batches are checked by the reads that return them; their indexes are
+# vouched for by the .indexsum sidecar; their size too.
+@pytest.mark.parametrize("shutdown", ["clean", "below-recovery-point"])
+def test_bad_batch_in_a_segment_opened_without_a_scan_is_never_served(
+    tmp_path: pathlib.Path, shutdown: str
+) -> None:
+    directory = tmp_path / "log"
+    log = PartitionLog.open(directory, CONFIG)
+    expected = _fill(log, BATCHES)
+    end_offset = log.log_end_offset
+    if shutdown == "clean":
+        log.close()
+    else:
+        log.abandon()
+    sealed = _logs(directory)[1]
+    batches = _batches(sealed)
+    bad = batches[2]  # before the last index entry: the open reads no byte of it
+    _flip_bit(sealed, bad.position + RECORDS_AT + 3, bit=6)
+    before = _snapshot(directory)
+
+    log = PartitionLog.open(directory, CONFIG)
+    assert log.truncations == []
+    assert log.log_end_offset == end_offset
+    # A read from before the damage makes progress: the good batches before it.
+    data = log.read(batches[0].base_offset, 1 << 20)
+    assert [r.offset for r in decode_records(data)] == list(
+        range(batches[0].base_offset, bad.base_offset)
+    )
+    # The bad batch itself is refused, naming the file and byte, every time.
+    for offset in (bad.base_offset, bad.next_offset - 1, bad.base_offset):
+        with pytest.raises(CorruptLogError) as raised:
+            log.read(offset, 1)
+        assert (raised.value.path, raised.value.position) == (str(sealed), bad.position)
+        assert "CRC32C" in raised.value.reason
+    timestamp = expected.values[bad.base_offset][1]
+    with pytest.raises(CorruptLogError) as raised:
+        log.offset_for_timestamp(timestamp)
+    assert (raised.value.path, raised.value.position) == (str(sealed), bad.position)
+    # Everything else reads back as written.
+    for offset in range(log.log_start_offset, end_offset):
+        if bad.base_offset <= offset < bad.next_offset:
+            continue
+        [record] = [r for r in decode_records(log.read(offset, 1)) if r.offset == offset]
+        assert (record.value, record.timestamp_ms) == expected.values[offset]
+    log.abandon()
+    assert {p.name: p.read_bytes() for p in _logs(directory)} == {
+        name: data for name, data in before.items() if name.endswith(".log")
+    }
+
+
+def test_reads_check_each_batch_once_and_never_what_this_process_appended(
+    closed: tuple[pathlib.Path, Expected], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, expected = closed
+    checked: list[int] = []
+
+    def counting(buf: bytes, pos: int = 0, end: int | None = None) -> object:
+        checked.append(pos)
+        return check_batch(buf, pos, end)
+
+    monkeypatch.setattr("storage._segment.check_batch", counting)
+    batch_count = sum(len(_batches(p)) for p in _logs(directory))
+    log = PartitionLog.open(directory, CONFIG)
+    assert (log.recovered, checked) == (False, [])  # the open read no batch
+    assert _read_all(log) == _read_all(log)  # front to back, twice
+    assert len(checked) == batch_count  # each batch once, on the first pass
+    checked.clear()
+    more = _fill(log, 20, first=BATCHES)
+    assert (_read_all(log).keys() - expected.values.keys()) == more.values.keys()
+    assert checked == []  # appended here: PartitionLog.check validated it already
+    log.close()
+
+
+@pytest.mark.parametrize("how", ["boundary", "mid-batch", "zero-tail"])
+@pytest.mark.parametrize("segment", ["newest", "sealed"])
+def test_cut_short_segment_after_a_clean_close_refuses_to_open_naming_the_file(
+    closed: tuple[pathlib.Path, Expected], how: str, segment: str
+) -> None:
+    """A clean close vouches for every segment's size (its .indexsum): a .log that lost whole
+    batches since cannot be told from a whole one by any batch check, and is refused; so is
+    one with a bad tail. Never cut silently, never cut at all: acknowledged records."""
+    directory, _expected = closed
+    path = _logs(directory)[-1 if segment == "newest" else 1]
+    batches = _batches(path)
+    last = batches[-1]
+    if how == "boundary":  # the last batch is gone, whole
+        os.truncate(path, last.position)
+        position = last.position
+    elif how == "mid-batch":
+        os.truncate(path, last.position + RECORDS_AT + 2)
+        position = last.position
+    else:
+        with open(path, "ab") as f:
+            f.write(b"\x00" * 100)
+        position = last.end
+    before = _snapshot(directory)
+
+    for _attempt in range(2):
+        with pytest.raises(CorruptLogError) as raised:
+            PartitionLog.open(directory, CONFIG)
+        assert (raised.value.path, raised.value.position) == (str(path), position)
+        assert f"{path}: corrupt batch at byte {position}" in str(raised.value)
+        assert _snapshot(directory) == before
+
+
+def _flip_plausibly(path: pathlib.Path) -> None:
+    """Flip the lowest bit of entry 1's last field (an .index position, a .timeindex
+    relative offset): the index stays in order and in bounds, so only its checksum tells."""
+    entry = 8 if path.suffix == ".index" else 12
+    _flip_bit(path, 2 * entry - 1, bit=0)
+
+
+@pytest.mark.parametrize("suffix", [".index", ".timeindex"])
+@pytest.mark.parametrize("segment", [0, -1])
+def test_plausible_index_damage_is_caught_by_the_checksum_and_rebuilt(
+    tmp_path: pathlib.Path, suffix: str, segment: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "log"
+    log = PartitionLog.open(directory, CONFIG)
+    _fill(log, BATCHES)
+    seen = _observe(log)
+    log.close()
+    before = _snapshot(directory)
+    index = _logs(directory)[segment].with_suffix(suffix)
+    assert index.stat().st_size >= 24
+    _flip_plausibly(index)
+    caplog.set_level(logging.WARNING, logger="riverlog.storage")
+
+    log = PartitionLog.open(directory, CONFIG)
+    assert (log.recovered, log.truncations) == (False, [])
+    [warning] = _storage_warnings(caplog)
+    assert f"rebuilding the indexes of {index.with_suffix('.log')}" in warning
+    assert _observe(log) == seen
+    log.close()
+    assert _snapshot(directory) == before  # rebuilt byte for byte, sidecar included
+
+
+@pytest.mark.parametrize("damage", ["deleted", "flipped", "torn"])
+def test_missing_or_damaged_index_checksums_rebuild_once_and_lose_nothing(
+    closed: tuple[pathlib.Path, Expected], damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data directory written before the sidecars existed opens (its indexes are rebuilt
+    once, with a scan); so does one whose sidecars are damaged: they vouch for the indexes,
+    they are not the data."""
+    directory, expected = closed
+    end_offset = max(expected.values) + 1
+    before = _snapshot(directory)
+    sums = sorted(directory.glob("*.indexsum"))
+    assert [p.stem for p in sums] == [p.stem for p in _logs(directory)]
+    for path in sums:
+        if damage == "deleted":
+            path.unlink()
+        elif damage == "flipped":
+            _flip_bit(path, 10)
+        else:
+            os.truncate(path, 20)
+
+    caplog.set_level(logging.INFO, logger="riverlog.storage")
+    log = PartitionLog.open(directory, CONFIG)
+    rebuilt = [r for r in caplog.records if "rebuilding the indexes" in r.getMessage()]
+    assert len(rebuilt) == len(sums)
+    assert {r.levelno for r in rebuilt} == {
+        logging.INFO if damage == "deleted" else logging.WARNING
+    }
+    expected.check(log, end_offset)
+    log.close()
+    assert _snapshot(directory) == before
+    caplog.clear()
+    log = PartitionLog.open(directory, CONFIG)  # once: the sidecars are back
+    assert not [r for r in caplog.records if "rebuilding the indexes" in r.getMessage()]
+    log.close()
+
+
+def test_retention_and_recovery_cuts_remove_index_checksums_with_their_segment(
+    crashed: tuple[pathlib.Path, Expected],
+) -> None:
+    directory, _expected = crashed
+    logs = _logs(directory)
+    # A cut in segment 1 (past the recovery point) deletes the segments after it, whole.
+    (directory / RECOVERY_POINT_FILE).write_text(f"{int(logs[1].stem)}\n")
+    _flip_bit(logs[1], _batches(logs[1])[1].position + RECORDS_AT)
+    log = PartitionLog.open(directory, CONFIG)
+    assert len(log.truncations) == 1
+    stems = {p.stem for p in _logs(directory)}
+    assert stems == {logs[0].stem, logs[1].stem}
+    assert {p.stem for p in directory.glob("*.indexsum")} <= stems
+    _fill(log, BATCHES)
+    log.roll()
+    assert log.delete_before(log.log_end_offset) >= 3
+    log.close()
+    assert {p.stem for p in directory.glob("*.indexsum")} == {p.stem for p in _logs(directory)}
 
 
 # ---------------------------------------------------------------------------- kill -9

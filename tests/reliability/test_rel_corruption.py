@@ -13,9 +13,12 @@ The rules under test are storage/_log.py's and the README's ("Durability"):
   refuses to open (CorruptLogError naming the file and byte) and no .log file changes;
 - a segment known to be on disk (below the recovery point, or any segment after a clean
   shutdown) holds acknowledged records: a bad batch there is never cut silently and never
-  served -- the partition refuses, at open or at the read, naming the file;
+  served -- the partition refuses, at open or at the read, naming the file (such a segment
+  is opened without a scan; its reads check what no one has checked yet, and a missing or
+  mismatching index checksum sidecar makes the open scan it);
 - indexes are derived data: damage is rebuilt from the log, and reads and timestamp look-ups
-  answer exactly as before the damage;
+  answer exactly as before the damage (damage that keeps an index in order and in bounds is
+  caught by the segment's .indexsum sidecar, not by the sanity checks);
 - a damaged recovery point only makes recovery scan more; a damaged producer snapshot is
   dropped and the state rebuilt from the log (a resend is still a duplicate); damaged topic
   metadata is refused naming the file, and the topic's data is never removed.
@@ -29,8 +32,10 @@ covered by the CRC, the magic and length checks, or the rule that base offsets a
 contiguous.
 
 Cases come from the `seed` fixture (printed; replay with --seed): 1,000 in the short form,
-10,000 with --long. Two groups fail today on storage bugs and are marked xfail(strict) with
-the bug named; remove the mark with the fix.
+10,000 with --long. The "durable" and "index-plausible" groups found storage bugs (bad batches
+served from segments opened without a scan; a damaged newest segment cut silently on a clean
+open; index damage the sanity checks passed); they pass since the lazy read verification and
+the .indexsum sidecar.
 """
 
 from __future__ import annotations
@@ -785,13 +790,6 @@ def test_bad_sealed_segment_without_a_recovery_point_refuses_to_open(
     _run("no-checkpoint", _check_log_case, templates, tmp_path, seed, long_run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage bug: a segment below the recovery point or after a clean shutdown is "
-    "opened without a CRC scan and Segment.read checks nothing, so a bad batch there is "
-    "served; a clean open cuts a damaged newest segment without a Truncation "
-    "(Segment.open_trusted drops recover()'s result)",
-)
 def test_bad_batch_in_a_segment_known_on_disk_is_refused_never_served(
     templates: dict[str, Template], tmp_path: pathlib.Path, seed: int, long_run: bool
 ) -> None:
@@ -804,12 +802,6 @@ def test_missing_or_torn_index_is_rebuilt_and_answers_are_unchanged(
     _run("index", _check_index_case, templates, tmp_path, seed, long_run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage bug: OffsetIndex.check/TimeIndex.check test only order and the last "
-    "entry, so a flipped bit in another entry passes; Segment.read then starts mid-batch "
-    "(corrupt bytes served) and offset_for_timestamp answers wrong or raises",
-)
 def test_plausible_index_damage_never_changes_an_answer(
     templates: dict[str, Template], tmp_path: pathlib.Path, seed: int, long_run: bool
 ) -> None:

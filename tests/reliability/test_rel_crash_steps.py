@@ -109,7 +109,7 @@ def _debris(directory: pathlib.Path) -> list[str]:
         stem, _, suffix = name.partition(".")
         if name in PARTITION_FILES or name.endswith(".snapshot"):
             continue
-        if suffix in ("log", "index", "timeindex") and stem in stems:
+        if suffix in ("log", "index", "timeindex", "indexsum") and stem in stems:
             continue
         bad.append(name)
     return bad

@@ -7,6 +7,10 @@ broker keeps serving. Then: once space is freed (a topic deleted), writes resume
 clean (every log marked clean) and the restart needs no recovery and has every acknowledged
 record, nothing else.
 
+And a refused roll leaves no file open: Segment.create used to leak the new .log's
+descriptor when preallocating an index failed (ENOSPC), one per refused roll, still open after
+the broker stopped; it now closes what it opened and removes what it created.
+
 Mounting needs root and CAP_SYS_ADMIN; without them the test is skipped with the reason
 (in a container even root may be refused the mount: the reason is mount's own message).
 """
@@ -295,12 +299,6 @@ def test_disk_full_is_resource_exhausted_nothing_partial_and_writes_resume(
             each.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage bug: Segment.create opens the new .log, then creating its index fails "
-    "(ENOSPC) and the descriptor is never closed: every refused roll on a full disk leaks one "
-    "(of an unlinked file), still open after the broker stops",
-)
 def test_refused_rolls_on_a_full_disk_leave_no_file_open(small_disk: pathlib.Path) -> None:
     data_dir = small_disk / "data"
     started: list[RunningBroker] = []  # stopped in `finally` (stop is idempotent)

@@ -71,7 +71,7 @@ APPENDS_PER_CYCLE_MAX = 60
 STEPS_PER_CYCLE = 400
 TOPICS_MAX = 4
 NOW_MS = 1_700_000_000_000
-# Files a partition directory may hold besides its segments' .log/.index/.timeindex.
+# Files a partition directory may hold besides its segments' .log/.index/.timeindex/.indexsum.
 PARTITION_FILES = {"recovery-point", "log-start-offset", ".clean-shutdown"}
 
 
@@ -116,7 +116,7 @@ def _debris(directory: pathlib.Path) -> list[str]:
         stem, _, suffix = name.partition(".")
         if name in PARTITION_FILES or name.endswith(".snapshot"):
             continue
-        if suffix in ("log", "index", "timeindex") and stem in stems:
+        if suffix in ("log", "index", "timeindex", "indexsum") and stem in stems:
             continue
         bad.append(name)
     return bad
