@@ -377,51 +377,31 @@ def encode_batch(
     count = len(records)
     if count == 0:
         raise ValueError("a record batch needs at least one record")
+    keys, values, stamps, all_headers = zip(*records, strict=True)
+    if not any(all_headers):
+        # No headers anywhere: the column encoder, which builds no bytes per record.
+        return encode_columns(
+            keys,
+            values,
+            stamps,
+            base_offset=base_offset,
+            compression=compression,
+            producer_id=producer_id,
+            producer_epoch=producer_epoch,
+            base_sequence=base_sequence,
+            partition_leader_epoch=partition_leader_epoch,
+            is_transactional=is_transactional,
+        )
     base_ts = records[0][2]
     max_ts = base_ts
     parts: list[bytes] = []
     append = parts.append
-    extend = parts.extend
     varint = _varint
-    table = _VARINT_TABLE
-    limit = _VARINT_TABLE_LIMIT
     null = _NULL
-    zero = b"\x00"  # attributes, and a header count of 0
+    zero = b"\x00"  # attributes
     for delta, (key, value, ts, headers) in enumerate(records):
         if ts > max_ts:  # noqa: PLR1730  # per record: a compare is cheaper than a call
             max_ts = ts
-        if not headers and key is not None and value is not None:
-            # The common record, without an intermediate bytes object: its length is the
-            # sum of its parts' lengths (1 attributes + 1 header count).
-            ts_delta = table[ts - base_ts] if 0 <= ts - base_ts < limit else varint(ts - base_ts)
-            offset_delta = table[delta] if delta < limit else varint(delta)
-            key_len = len(key)
-            value_len = len(value)
-            key_prefix = table[key_len] if key_len < limit else varint(key_len)
-            value_prefix = table[value_len] if value_len < limit else varint(value_len)
-            size = (
-                2
-                + len(ts_delta)
-                + len(offset_delta)
-                + len(key_prefix)
-                + key_len
-                + len(value_prefix)
-                + value_len
-            )
-            extend(
-                (
-                    table[size] if size < limit else varint(size),
-                    zero,
-                    ts_delta,
-                    offset_delta,
-                    key_prefix,
-                    key,
-                    value_prefix,
-                    value,
-                    zero,
-                )
-            )
-            continue
         body = [zero, varint(ts - base_ts), varint(delta)]
         if key is None:
             body.append(null)
@@ -471,6 +451,8 @@ def encode_columns(
     producer_id: int = -1,
     producer_epoch: int = -1,
     base_sequence: int = -1,
+    partition_leader_epoch: int = -1,
+    is_transactional: bool = False,
 ) -> bytes:
     """`encode_batch` for records without headers, given as three columns (a producer that
     keeps its records so allocates no tuple per record). Same bytes as encode_batch."""
@@ -536,6 +518,8 @@ def encode_columns(
         producer_id=producer_id,
         producer_epoch=producer_epoch,
         base_sequence=base_sequence,
+        partition_leader_epoch=partition_leader_epoch,
+        is_transactional=is_transactional,
     )
 
 
