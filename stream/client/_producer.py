@@ -76,12 +76,14 @@ gives up and a new one that sends the same record again.
 Without idempotence (acks "none", or idempotent=False) a retry after a lost answer may
 append a batch twice: delivery is at-least-once.
 
-Cost per 100-byte record (2 cores, Python 3.11): ~1 us in `send`, ~0.1 us to route a keyed
-one, ~0.7 us to encode (storage.encode_batch), ~0.6 us to resolve its future; then the
-garbage collector, which walks the futures still held (by the buffer and by the caller) and
-took a third of the client's CPU in a 200,000-record run: a process that sends millions of
-records gains from a larger first threshold (`gc.set_threshold(100_000, 50, 100)`: 5.3 ->
-3.6 us of CPU a record in that run).
+Cost per 100-byte record (2 cores, Python 3.11, thread CPU): ~0.9 us in a sync `send`
+(1.2-1.6 us with the garbage collector's share), ~0.1 us to route a keyed one, ~0.4 us to
+encode (storage.encode_columns: records are kept as columns, no tuple each), ~0.2 us to
+settle its future (one pass per batch, `_settle`). A record's future is one object for the
+garbage collector (its lists are made on first use); still, the collector walks every future
+held (by the buffer and by the caller): a process that sends millions of records gains from
+a larger first threshold, `gc.set_threshold(100_000, 50, 100)` (bench/client_bench.py
+--quick: 325,000 -> 467,000 records/s).
 Callbacks of a Producer's futures run on its loop thread: there, a call that would wait (a
 send that must wait, flush, close) raises RiverlogError instead of deadlocking.
 """
