@@ -21,6 +21,7 @@ from typing import Literal
 
 from storage import (
     AppendResult,
+    BatchHeader,
     Catalog,
     LimitExceededError,
     LogClosedError,
@@ -337,9 +338,16 @@ class Broker:
 
     # ------------------------------------------------------------------ produce
     def produce(
-        self, topic: str, partition: int, payload: bytes, *, durable: bool = False
+        self,
+        topic: str,
+        partition: int,
+        payload: bytes,
+        *,
+        durable: bool = False,
+        headers: list[BatchHeader] | None = None,
     ) -> AppendResult:
         """Append client-encoded batches. `durable`: fsync before returning (acks ALL).
+        `headers`: what `check_produce` returned for this payload (it is not checked again).
 
         Idempotent batches (producer id >= 0) must carry an id this broker handed out, at its
         current epoch; a resent one is not appended again (`AppendResult.duplicate`).
@@ -350,7 +358,8 @@ class Broker:
             raise UnknownPartitionError(topic, partition, len(t.partitions))
         p = t.partitions[partition]
         now_ms = self._clock_ms()
-        headers = p.log.check(payload)
+        if headers is None:
+            headers = p.log.check(payload)
         for header in headers:  # per batch
             if header.producer_id >= 0:
                 self._producer_ids.check(header.producer_id, header.producer_epoch, now_ms)
@@ -366,18 +375,23 @@ class Broker:
         self._check_running()
         return self._producer_ids.init(name)
 
-    def check_produce(self, topic: str, partition: int | None, payload: bytes = b"") -> None:
+    def check_produce(
+        self, topic: str, partition: int | None, payload: bytes = b""
+    ) -> list[BatchHeader] | None:
         """Raise what `produce` would raise for this input (unknown topic or partition, corrupt
         or oversized batch), appending nothing: a request of several entries is validated
-        whole before any entry is appended. No partition: only the topic is checked."""
+        whole before any entry is appended. No partition: only the topic is checked.
+        Returns the payload's batch headers, for `produce(..., headers=...)`, so the batches
+        are not checked (CRC32C) a second time."""
         self._check_running()
         t = self._topic_for_produce(topic)
         if partition is None:
-            return
+            return None
         if not 0 <= partition < len(t.partitions):
             raise UnknownPartitionError(topic, partition, len(t.partitions))
         if payload:
-            t.partitions[partition].log.check(payload)
+            return t.partitions[partition].log.check(payload)
+        return None
 
     def route_records(
         self, topic: str, partition: int | None, records: Sequence[NewRecord]

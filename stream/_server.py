@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from storage import (
+    BatchHeader,
     LimitExceededError,
     NewRecord,
     StorageError,
@@ -100,17 +101,20 @@ class BrokerService:
                 )
             if not batch and not entry.records:
                 raise InvalidRequestError(f"entry for topic {topic!r} carries no records")
+        checked: list[list[BatchHeader] | None] = [None] * len(entries)
         if len(entries) > 1:
             # One entry is validated by its append before anything is written; with several,
-            # validate every one first (the contract: a bad entry appends nothing at all).
-            for topic, partition, batch, _entry in entries:
-                self.broker.check_produce(topic, partition, batch)
+            # validate every one first (the contract: a bad entry appends nothing at all),
+            # and hand each append its checked headers.
+            checked = [self.broker.check_produce(t, p, b) for t, p, b, _e in entries]
         results: list[ProduceResult] = []
-        for topic, partition, batch, entry in entries:
+        for (topic, partition, batch, entry), headers in zip(entries, checked, strict=True):
             try:
                 if batch:
                     assert partition is not None
-                    result = self.broker.produce(topic, partition, batch, durable=durable)
+                    result = self.broker.produce(
+                        topic, partition, batch, durable=durable, headers=headers
+                    )
                     results.append(ProduceResult(topic, partition, result))
                 else:
                     now_ms = self.broker.now_ms()

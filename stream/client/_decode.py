@@ -44,9 +44,11 @@ from storage import (
     decode_records,
 )
 
-# The one private name the client takes from storage: its bounded decompression, so a
-# compressed batch expands exactly as storage.decode_batch expands it, limits included.
+# Private names the client takes from storage: its bounded decompression, so a compressed
+# batch expands exactly as storage.decode_batch expands it, limits included; and its
+# per-record slicer of keys and values, for the runs this module does not copy in bulk.
 from storage._batch import _decompress
+from storage._batch import _slices as _slices_one_by_one
 
 from ._base import Record
 
@@ -416,11 +418,3 @@ def _slices(buf: bytes, start: _I64, length: _I64, has_null: bool) -> list[bytes
             run = np.ndarray((end - first,), f"V{size}", buf, int(start[first]), (stride,))
             out += run.tolist()
     return out
-
-
-def _slices_one_by_one(buf: bytes, start: _I64, length: _I64, has_null: bool) -> list[bytes | None]:
-    starts = start.tolist()
-    ends = (start + length).tolist()
-    if has_null:
-        return [buf[i:j] if j >= i else None for i, j in zip(starts, ends, strict=True)]
-    return [buf[i:j] for i, j in zip(starts, ends, strict=True)]
