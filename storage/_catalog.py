@@ -78,9 +78,10 @@ TOPIC_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
 TOPIC_NAME_CHARS_MAX = 249
 # "." and ".." match the pattern but are path components, and a name is never a path.
 TOPIC_NAMES_REFUSED = frozenset({".", ".."})
-# Logs the broker keeps for itself beside the topics (consumer groups' committed offsets):
-# no user topic may take these names, and the catalog never removes their directories.
-INTERNAL_TOPIC_NAMES = frozenset({"__consumer_offsets"})
+# Logs the broker keeps for itself beside the topics (consumer groups' committed offsets,
+# share groups' state): no user topic may take these names, and the catalog never removes
+# their directories.
+INTERNAL_TOPIC_NAMES = frozenset({"__consumer_offsets", "__share_group_state"})
 # Each partition holds open files: one log and two memory-mapped indexes (offset, time) for
 # its active segment, so partitions per topic are bounded to keep file descriptors bounded.
 PARTITIONS_MAX = 1024

@@ -1,9 +1,10 @@
 """The committed offsets of consumer groups, kept durable in the internal log `__consumer_offsets`.
 
-State changes only by replaying records (Kafka's coordinator shape, STYLE.md): `commit`,
-`delete_group` and `delete_topic` turn a request into records, append them to the log, and
-apply them to memory with `_replay`, the same function that rebuilds the map on open. So
-what a reopened store holds is exactly what the live store held.
+An `OffsetStore` is a `ReplayedLog` (stream/_internal_log.py: the log replayed into memory,
+the snapshot interval's steps, the checks on open, the lock). State changes only by replaying
+records: `commit`, `delete_group` and `delete_topic` turn a request into records, append them
+to the log, and apply them to memory with `_apply`, the same function that rebuilds the map on
+open. So what a reopened store holds is exactly what the live store held.
 
 On disk (one PartitionLog, not a topic of the catalog):
 
@@ -11,8 +12,7 @@ On disk (one PartitionLog, not a topic of the catalog):
     <data_dir>/__consumer_offsets-0/snapshot.json
 
 The catalog reserves the name (INTERNAL_TOPIC_NAMES): no user topic takes it, and
-`Catalog.open` leaves the directory alone. PartitionLog only looks at segment, index and
-temp files in its directory, so the snapshot can live beside the segments.
+`Catalog.open` leaves the directory alone.
 
 Record format, one record per (group, topic, partition):
 
@@ -26,21 +26,19 @@ whole or not at all (recovery cuts a torn batch). Deletes write tombstones in ba
 PARTITIONS_PER_COMMIT_MAX records; a crash part-way through a delete leaves a prefix deleted.
 
 What is durable when: `commit` and the deletes return only after the appended batches are
-fsynced (`PartitionLog.flush`), so an acknowledged commit survives power loss. Memory mirrors
-the log: each batch is replayed into the map right after it is appended.
+fsynced (`PartitionLog.flush`; OFFSETS_LOG_CONFIG fsyncs every append anyway), so an acknowledged
+commit survives power loss. Memory mirrors the log: each batch is replayed into the map right
+after it is appended.
 
 Snapshots keep the log bounded: once the records appended since the last snapshot reach
-max(SNAPSHOT_EVERY_RECORDS, live offsets), the whole map is written to `snapshot.json`
-(`atomic_write`: temp file, fsync, rename, directory fsync) with `log_offset`, the log end
-offset it covers; then the log rolls and `delete_before(log_offset)` drops every sealed
-segment. Open loads the snapshot and replays records from max(log_offset, log start offset)
-to the log end. A crash between any two of those steps is harmless: the snapshot covers
-what it names, and the log is replayed from there. The log thus holds at most
-max(SNAPSHOT_EVERY_RECORDS, OFFSETS_MAX) records plus one request's (a snapshot that fails,
-say on a full disk, is logged and tried again an interval later), and snapshot writing costs
-O(1) amortized per appended record (it runs only after as many records as it writes).
-Measured here: replaying 49k records on open takes ~0.24 s; a snapshot of 110k offsets
-~0.1 s (2.6 MB), done under the store's lock by the commit that crosses the interval.
+max(SNAPSHOT_EVERY_RECORDS, live offsets), the whole map is written to `snapshot.json` with
+`log_offset`, the log end offset it covers, and the segments below it are dropped (the steps,
+and why a crash between any two of them is harmless: stream/_internal_log.py). The log thus
+holds at most max(SNAPSHOT_EVERY_RECORDS, OFFSETS_MAX) records plus one request's (a snapshot
+that fails, say on a full disk, is logged and tried again an interval later), and snapshot
+writing costs O(1) amortized per appended record (it runs only after as many records as it
+writes). Measured here: replaying 49k records on open takes ~0.24 s; a snapshot of 110k
+offsets ~0.1 s (2.6 MB), done under the store's lock by the commit that crosses the interval.
 
     {"format": 1, "log_offset": 1234,
      "groups": {"<group>": [["<topic>", partition, offset, "<metadata>", commit_time_ms]]}}
@@ -53,11 +51,9 @@ Thread safety: one lock around every public method; the server calls from many t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import struct
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,18 +65,17 @@ from storage import (
     InvalidConfigError,
     InvalidNameError,
     LimitExceededError,
-    LogClosedError,
     LogConfig,
     NewRecord,
     PartitionLog,
-    StorageError,
     encode_batch,
-    iter_batches,
     validate_topic_name,
 )
 from storage._catalog import INTERNAL_TOPIC_NAMES, TOPIC_NAME_CHARS_MAX
 from storage._config import MiB
-from storage._fs import atomic_write, read_file
+from storage._fs import atomic_write
+
+from .._internal_log import ReplayedLog, open_replayed
 
 log = logging.getLogger("riverlog.groups")
 
@@ -121,8 +116,6 @@ COMMIT_BYTES_MAX = 16 * MiB
 # Each index is preallocated to this; a 16 MiB segment with an entry every 4096 bytes needs
 # 4096 entries of at most 12 bytes (48 KiB).
 INDEX_BYTES_MAX = 1 * MiB
-# Bytes per read while replaying the log on open (a read returns at least one batch).
-REPLAY_READ_BYTES = 1 * MiB
 
 OFFSETS_LOG_CONFIG = LogConfig(
     segment_bytes=SEGMENT_BYTES,
@@ -249,18 +242,20 @@ def _group_bytes(group: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------- the store
-class OffsetStore:
+class OffsetStore(ReplayedLog):
     """Committed offsets per group and partition, durable in the `__consumer_offsets` log."""
+
+    CONTENTS = "committed offsets"
+    RECORD_NOUN = "a committed offset"
+    STORE_NOUN = "offsets store"
+    LOGGER = log
 
     def __init__(self, plog: PartitionLog) -> None:
         """Use `OffsetStore.open`."""
-        self._log = plog
-        self._snapshot_path = Path(plog.directory) / SNAPSHOT_FILE_NAME
-        self._lock = threading.Lock()
-        self._closed = False
+        # This module's `atomic_write`, looked up now: a test patches it to count snapshots.
+        super().__init__(plog, SNAPSHOT_FILE_NAME, atomic_write)
         self._groups: dict[str, dict[TopicPartition, CommittedOffset]] = {}
         self._offsets_count = 0
-        self._records_since_snapshot = 0
 
     @classmethod
     def open(cls, data_dir: Path, now_ms: int, log_config: LogConfig | None = None) -> OffsetStore:
@@ -278,15 +273,7 @@ class OffsetStore:
                 f"{config.batch_bytes_max}"
             )
         del now_ms
-        plog = PartitionLog.open(Path(data_dir) / OFFSETS_LOG_DIR_NAME, config)
-        store = cls(plog)
-        try:
-            store._load()
-        except BaseException:
-            with contextlib.suppress(StorageError, OSError):
-                plog.close()
-            raise
-        return store
+        return open_replayed(cls, Path(data_dir) / OFFSETS_LOG_DIR_NAME, config)
 
     # ------------------------------------------------------------------ reads
     def fetch(
@@ -377,7 +364,7 @@ class OffsetStore:
                     f"commit of {len(records)} partitions encodes to {len(batch)} bytes; the "
                     f"offsets log takes batches up to {self._log.config.batch_bytes_max} bytes"
                 )
-            self._append_locked([(batch, records)], now_ms)
+            self._append_locked([(batch, records)], now_ms, durable=True)
 
     def delete_group(self, group: str, now_ms: int) -> None:
         """Delete every committed offset of `group` (tombstones); durable on return."""
@@ -402,146 +389,74 @@ class OffsetStore:
                 self._delete_locked(doomed, now_ms)
 
     def _delete_locked(self, doomed: Sequence[tuple[str, TopicPartition]], now_ms: int) -> None:
-        chunks = []
-        for i in range(0, len(doomed), PARTITIONS_PER_COMMIT_MAX):
-            records = [
-                NewRecord(_encode_key(group.encode(), topic, partition), None, now_ms)
-                for group, (topic, partition) in doomed[i : i + PARTITIONS_PER_COMMIT_MAX]
-            ]
-            chunks.append((encode_batch(records), records))
-        self._append_locked(chunks, now_ms)
-
-    def _append_locked(self, batches: Sequence[tuple[bytes, list[NewRecord]]], now_ms: int) -> None:
-        """Append each batch and replay it into memory, then fsync; maybe snapshot."""
-        for batch, records in batches:
-            result = self._log.append(batch, now_ms)
-            self._replay(
-                (result.base_offset + i, record.key, record.value)
-                for i, record in enumerate(records)
-            )
-            self._records_since_snapshot += len(records)
-        self._log.flush(now_ms)
-        if self._records_since_snapshot >= max(SNAPSHOT_EVERY_RECORDS, self._offsets_count):
-            self._snapshot_locked()
-
-    # ------------------------------------------------------------------ replay
-    def _replay(self, records: Iterable[tuple[int, bytes | None, bytes | None]]) -> None:
-        """Apply records (offset, key, value) to the map: the one way the map changes."""
-        groups = self._groups
-        for offset, key, value in records:
-            try:
-                if key is None:
-                    raise ValueError("record has no key")
-                group, topic, partition = _decode_key(key)
-                committed = None if value is None else _decode_value(value)
-            except (ValueError, struct.error) as e:
-                raise StorageError(
-                    f"{self._log.directory}: record at offset {offset} is not a committed "
-                    f"offset: {e}"
-                ) from None
-            tp = (topic, partition)
-            offsets = groups.get(group)
-            if committed is not None:
-                if offsets is None:
-                    offsets = groups[group] = {}
-                if tp not in offsets:
-                    self._offsets_count += 1
-                offsets[tp] = committed
-            elif offsets is not None and offsets.pop(tp, None) is not None:
-                self._offsets_count -= 1
-                if not offsets:
-                    del groups[group]
-
-    def _load(self) -> None:
-        covered = self._load_snapshot()
-        start, end = self._log.log_start_offset, self._log.log_end_offset
-        if covered < start:
-            raise StorageError(
-                f"{self._log.directory}: the log starts at offset {start} but "
-                + (
-                    f"{self._snapshot_path} covers only offsets below {covered}"
-                    if self._snapshot_path.exists()
-                    else f"there is no snapshot ({self._snapshot_path}) of the offsets below it"
-                )
-                + "; refusing to open without those committed offsets"
-            )
-        if covered > end:
-            raise StorageError(
-                f"{self._snapshot_path} covers offsets below {covered} but the log "
-                f"{self._log.directory} ends at {end}"
-            )
-        pos = covered
-        while pos < end:
-            data, after = self._log.read_batches(pos, REPLAY_READ_BYTES)
-            if after <= pos:
-                raise StorageError(f"{self._log.directory}: replay made no progress at {pos}")
-            for _header, records in iter_batches(data):
-                self._replay((r.offset, r.key, r.value) for r in records if r.offset >= covered)
-            pos = after
-        self._records_since_snapshot = end - covered
-        log.info(
-            "offsets store %s: %d offsets of %d groups (snapshot to offset %d, replayed %d)",
-            self._log.directory,
-            self._offsets_count,
-            len(self._groups),
-            covered,
-            end - covered,
+        tombstones = [
+            NewRecord(_encode_key(group.encode(), topic, partition), None, now_ms)
+            for group, (topic, partition) in doomed
+        ]
+        self._append_locked(
+            self._batches(tombstones, PARTITIONS_PER_COMMIT_MAX), now_ms, durable=True
         )
 
+    # ------------------------------------------------------------------ replay
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        """Apply one record to the map: the one way the map changes."""
+        if key is None:
+            raise ValueError("record has no key")
+        group, topic, partition = _decode_key(key)
+        committed = None if value is None else _decode_value(value)
+        tp = (topic, partition)
+        groups = self._groups
+        offsets = groups.get(group)
+        if committed is not None:
+            if offsets is None:
+                offsets = groups[group] = {}
+            if tp not in offsets:
+                self._offsets_count += 1
+            offsets[tp] = committed
+        elif offsets is not None and offsets.pop(tp, None) is not None:
+            self._offsets_count -= 1
+            if not offsets:
+                del groups[group]
+
+    def _snapshot_due(self) -> bool:
+        return self._records_since_snapshot >= max(SNAPSHOT_EVERY_RECORDS, self._offsets_count)
+
+    def _describe(self) -> str:
+        return f"{self._offsets_count} offsets of {len(self._groups)} groups"
+
     # ------------------------------------------------------------------ snapshot
-    def _load_snapshot(self) -> int:
-        """Load the snapshot into the map; return the log offset it covers (0 if none)."""
-        path = self._snapshot_path
-        try:
-            raw = read_file(path)  # through the storage engine's disk layer, as every write
-        except FileNotFoundError:
-            return 0
-        try:
-            doc = json.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError(f"a {type(doc).__name__}, not an object")
-            if doc.get("format") != SNAPSHOT_FORMAT:
-                raise ValueError(f"format {doc.get('format')!r}, expected {SNAPSHOT_FORMAT}")
-            covered = _int(doc.get("log_offset"), "log_offset")
-            if covered < 0:
-                raise ValueError(f"log_offset {covered} is negative")
-            groups = doc.get("groups")
-            if not isinstance(groups, dict):
-                raise ValueError("groups is not an object")
-            for group, entries in groups.items():
-                if not isinstance(entries, list) or not entries:
-                    raise ValueError(f"group {group!r} has no list of offsets")
-                offsets: dict[TopicPartition, CommittedOffset] = {}
-                for entry in entries:
-                    if not isinstance(entry, list) or len(entry) != 5:
-                        raise ValueError(f"group {group!r}: entry {entry!r} is not 5 fields")
-                    topic, partition, offset, metadata, commit_time_ms = entry
-                    tp = (_str(topic, "topic"), _int(partition, "partition"))
-                    offsets[tp] = CommittedOffset(
-                        _int(offset, "offset"),
-                        _str(metadata, "metadata"),
-                        _int(commit_time_ms, "commit_time_ms"),
-                    )
-                self._groups[group] = offsets
-                self._offsets_count += len(offsets)
-        except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
-            raise StorageError(
-                f"{path}: cannot read the committed-offsets snapshot ({e}); refusing to open "
-                "rather than lose committed offsets"
-            ) from None
+    def _decode_snapshot(self, raw: bytes) -> int:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError(f"a {type(doc).__name__}, not an object")
+        if doc.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {SNAPSHOT_FORMAT}")
+        covered = _int(doc.get("log_offset"), "log_offset")
+        groups = doc.get("groups")
+        if not isinstance(groups, dict):
+            raise ValueError("groups is not an object")
+        for group, entries in groups.items():
+            if not isinstance(entries, list) or not entries:
+                raise ValueError(f"group {group!r} has no list of offsets")
+            offsets: dict[TopicPartition, CommittedOffset] = {}
+            for entry in entries:
+                if not isinstance(entry, list) or len(entry) != 5:
+                    raise ValueError(f"group {group!r}: entry {entry!r} is not 5 fields")
+                topic, partition, offset, metadata, commit_time_ms = entry
+                tp = (_str(topic, "topic"), _int(partition, "partition"))
+                offsets[tp] = CommittedOffset(
+                    _int(offset, "offset"),
+                    _str(metadata, "metadata"),
+                    _int(commit_time_ms, "commit_time_ms"),
+                )
+            self._groups[group] = offsets
+            self._offsets_count += len(offsets)
         return covered
 
-    def _snapshot_locked(self) -> None:
-        """Write the whole map covering the log end offset, then drop the segments below it.
-
-        A failure here does not fail the request that triggered it (that is durable already):
-        it is logged, and tried again after another interval of records.
-        """
-        self._records_since_snapshot = 0
-        covered = self._log.log_end_offset
+    def _encode_snapshot(self, log_offset: int) -> bytes:
         doc = {
             "format": SNAPSHOT_FORMAT,
-            "log_offset": covered,
+            "log_offset": log_offset,
             "groups": {
                 group: [
                     [t, p, c.offset, c.metadata, c.commit_time_ms] for (t, p), c in offs.items()
@@ -549,47 +464,7 @@ class OffsetStore:
                 for group, offs in self._groups.items()
             },
         }
-        try:
-            atomic_write(
-                self._snapshot_path,
-                json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(),
-            )
-            self._log.roll()
-            deleted = self._log.delete_before(covered)
-        except (OSError, StorageError) as e:
-            log.warning("offsets snapshot of %s failed, will retry: %s", self._snapshot_path, e)
-            return
-        log.info(
-            "offsets snapshot of %d offsets at log offset %d; deleted %d segment(s)",
-            self._offsets_count,
-            covered,
-            deleted,
-        )
-
-    # ------------------------------------------------------------------ lifecycle
-    def close(self) -> None:
-        """Close the log cleanly; idempotent. Every later call raises LogClosedError."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._log.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LogClosedError(f"offsets store {self._log.directory} is closed")
-
-    def __enter__(self) -> OffsetStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"OffsetStore({self._log.directory!r}, {self._offsets_count} offsets of "
-            f"{len(self._groups)} groups)"
-        )
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 __all__ = [
