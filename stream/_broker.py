@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -533,6 +533,23 @@ class Broker:
             p.watch(event)
             watched.append(p)
         return watched
+
+    def watch(self, tps: Iterable[tuple[str, int]], event: threading.Event) -> Callable[[], None]:
+        """Set `event` at the next append to any of these partitions (unknown ones are
+        skipped); returns the function that stops watching. For readers outside `fetch`
+        (share groups) that wait for data."""
+        watched = self._watch([FetchQuery(t, p, 0) for t, p in tps], event)
+
+        def stop() -> None:
+            for p in watched:
+                p.unwatch(event)
+
+        return stop
+
+    def log_offsets(self, topic: str, partition: int) -> tuple[int, int]:
+        """(log start offset, log end offset) of one partition; UnknownTopicError."""
+        p = self._partition(topic, partition)
+        return p.log.log_start_offset, p.log.log_end_offset
 
     # ------------------------------------------------------------------ offsets
     def list_offsets(self, queries: Sequence[OffsetQuery]) -> list[OffsetResult]:

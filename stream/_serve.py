@@ -25,7 +25,11 @@ from ._broker import SUBSCRIBERS_MAX, Broker, BrokerConfig, wall_clock_ms
 from ._groups import GroupManager
 from ._producer_ids import NAME_EXPIRY_MS_DEFAULT
 from ._server import WORKERS_DEFAULT, build_server
+from ._share import MAX_IN_FLIGHT_DEFAULT as SHARE_MAX_IN_FLIGHT_DEFAULT
+from ._share import MAX_IN_FLIGHT_MAX as SHARE_MAX_IN_FLIGHT_MAX
+from ._share import ShareGroupManager
 from .groups._offsets import OffsetStore
+from .share._state import ShareStateStore
 
 log = logging.getLogger("riverlog.serve")
 
@@ -45,6 +49,8 @@ class ServeConfig:
     listen: str = LISTEN_DEFAULT
     workers: int = WORKERS_DEFAULT
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
+    # Records in flight per share-partition (see stream/_share.py).
+    share_max_in_flight: int = SHARE_MAX_IN_FLIGHT_DEFAULT
 
 
 _BROKER_KEYS = {
@@ -57,6 +63,7 @@ _BROKER_KEYS = {
     "shutdown_grace_s",
     "subscribers_max",
     "producer_name_expiry_ms",
+    "share_max_in_flight",
 }
 
 
@@ -67,7 +74,7 @@ def load_config(
 
     [broker]: data_dir, listen, auto_create_topics, auto_create_partitions,
               retention_check_interval_ms, workers, shutdown_grace_s, subscribers_max,
-              producer_name_expiry_ms
+              producer_name_expiry_ms, share_max_in_flight
     [log]:    any LogConfig field, as broker-wide defaults for every topic
     """
     broker_table: dict[str, Any] = {}
@@ -112,11 +119,17 @@ def load_config(
             f"subscribers_max {broker.subscribers_max} leaves fewer than {UNARY_WORKERS_MIN} "
             f"of {workers} workers for other calls; raise workers or lower subscribers_max"
         )
+    in_flight = int(broker_table.get("share_max_in_flight", SHARE_MAX_IN_FLIGHT_DEFAULT))
+    if not 1 <= in_flight <= SHARE_MAX_IN_FLIGHT_MAX:
+        raise InvalidConfigError(
+            f"share_max_in_flight must be in [1, {SHARE_MAX_IN_FLIGHT_MAX}], got {in_flight}"
+        )
     return ServeConfig(
         broker=broker,
         listen=str(broker_table.get("listen", LISTEN_DEFAULT)),
         workers=workers,
         shutdown_grace_s=float(broker_table.get("shutdown_grace_s", SHUTDOWN_GRACE_S_DEFAULT)),
+        share_max_in_flight=in_flight,
     )
 
 
@@ -154,7 +167,23 @@ class RunningBroker:
             self.broker.close()
             raise
         self.groups = GroupManager(self.broker, self.offsets, wall_clock_ms)
-        self.server = build_server(self.broker, self.groups, workers=config.workers)
+        try:
+            self.share_state = ShareStateStore.open(config.broker.data_dir, wall_clock_ms())
+        except BaseException:
+            self.offsets.close()
+            self.broker.close()
+            raise
+        try:
+            self.share = ShareGroupManager(
+                self.broker,
+                self.share_state,
+                wall_clock_ms,
+                max_in_flight=config.share_max_in_flight,
+            )
+        except BaseException:
+            self._close_stores()
+            raise
+        self.server = build_server(self.broker, self.groups, self.share, workers=config.workers)
         try:
             self.port = self.server.add_insecure_port(config.listen)
         except RuntimeError as e:
@@ -176,7 +205,8 @@ class RunningBroker:
         self._worker.start()
         log.info(
             "riverlog listening on %s (gRPC: riverlog.v1.Broker, riverlog.v1.Admin, "
-            "grpc.health.v1.Health, reflection); data in %s",
+            "riverlog.v1.Groups, riverlog.v1.Share, grpc.health.v1.Health, reflection); "
+            "data in %s",
             self.address,
             self.config.broker.data_dir,
         )
@@ -189,6 +219,7 @@ class RunningBroker:
             try:
                 self.broker.flush_due()
                 self.groups.expire()
+                self.share.expire()
                 since_retention_ms += period_ms
                 if since_retention_ms >= cfg.retention_check_interval_ms:
                     since_retention_ms = 0
@@ -210,9 +241,12 @@ class RunningBroker:
 
     def _close_stores(self) -> None:
         try:
-            self.offsets.close()
+            self.share_state.close()
         finally:
-            self.broker.close()
+            try:
+                self.offsets.close()
+            finally:
+                self.broker.close()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.server.wait_for_termination(timeout_s))

@@ -44,6 +44,8 @@ from ._rpc import (
     partition_error,
     status_for,
 )
+from ._share import ShareGroupManager
+from ._share_service import SHARE_SERVICE, share_handlers
 from .groups._coordinator import TopicPartition
 
 log = logging.getLogger("riverlog.server")
@@ -388,12 +390,13 @@ def _describe(info: Any) -> admin_pb2.TopicDescription:
 def build_server(
     broker: Broker,
     groups: GroupManager | None = None,
+    share: ShareGroupManager | None = None,
     *,
     workers: int = WORKERS_DEFAULT,
     concurrent_rpcs: int = CONCURRENT_RPCS_MAX,
 ) -> grpc.Server:
-    """A grpc server with the Broker, Admin and (given a GroupManager) Groups services,
-    health and reflection (not started)."""
+    """A grpc server with the Broker, Admin, (given their managers) Groups and Share
+    services, health and reflection (not started)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="riverlog-rpc"),
         maximum_concurrent_rpcs=concurrent_rpcs,
@@ -435,6 +438,9 @@ def build_server(
     if groups is not None:
         server.add_generic_rpc_handlers((groups_handlers(groups),))
         services.append(GROUPS_SERVICE)
+    if share is not None:
+        server.add_generic_rpc_handlers((share_handlers(share),))
+        services.append(SHARE_SERVICE)
     health_servicer = health.HealthServicer()
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

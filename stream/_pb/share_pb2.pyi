@@ -41,8 +41,9 @@ riverlog-dlq-offset, riverlog-dlq-delivery-count, riverlog-dlq-reason ("rejected
 "max-delivery-attempts"), riverlog-dlq-error (the last error a member gave, may be empty).
 
 Errors (the trailing metadata key "riverlog-error" carries the name):
-  UNKNOWN_GROUP    NOT_FOUND            no such share group
-  UNKNOWN_MEMBER   FAILED_PRECONDITION  the member left or timed out: rejoin (member_id "")
+  UNKNOWN_GROUP    NOT_FOUND            no such share group (admin calls)
+  UNKNOWN_MEMBER   FAILED_PRECONDITION  the member left or timed out, or its group is gone:
+                                        rejoin (member_id "")
   GROUP_NOT_EMPTY  FAILED_PRECONDITION  delete / reset need a group without members
 Refused acknowledgements are reported per range in the answer (AckRefusal), not as a
 failed call:
