@@ -491,23 +491,22 @@ class ShareGroupManager:
                 member = self._member(group_id, member_id)
                 assert group is not None
                 member.last_seen_ms = now_ms
+                # Watch before looking, so an append between the look and the wait wakes it.
+                tps = sorted(tp for tp in group.windows if tp[0] in member.topics)
+                stop = self._broker.watch(tps, event)
+                group.waiters.add(event)
                 taken = self._acquire(group, member, max_records, now_ms)
+                due = [d for d in (group.windows[tp].next_due_ms() for tp in tps) if d is not None]
+            try:
                 if taken:
                     lock_deadline = now_ms + group.settings.lock_ms
                     break
-                group.waiters.add(event)
-                tps = sorted(tp for tp in group.windows if tp[0] in member.topics)
-                due = [d for d in (group.windows[tp].next_due_ms() for tp in tps) if d is not None]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not is_active():
-                with self._lock:
-                    group.waiters.discard(event)
-                return ShareFetchResult([], refused, 0)
-            wait_s = min(remaining, WAIT_CHECK_S)
-            if due:
-                wait_s = max(0.0, min(wait_s, (min(due) - now_ms) / 1000))
-            stop = self._broker.watch(tps, event)
-            try:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not is_active():
+                    return ShareFetchResult([], refused, 0)
+                wait_s = min(remaining, WAIT_CHECK_S)
+                if due:
+                    wait_s = max(0.0, min(wait_s, (min(due) - now_ms) / 1000))
                 event.wait(wait_s)
             finally:
                 stop()
