@@ -15,6 +15,11 @@ from .client._admin import (
     OffsetSpec,
     PartitionInfo,
     PartitionLag,
+    ShareGroupConfig,
+    ShareGroupDescription,
+    ShareGroupListing,
+    ShareMemberDescription,
+    SharePartitionState,
     TopicInfo,
 )
 from .client._base import (
@@ -38,8 +43,11 @@ from .client._base import (
 )
 from .client._consumer import Consumer
 from .client._producer import Producer
+from .client._reqreply import Requester, Responder
+from .client._share import AckFailure, ShareConsumer, ShareRecord
 
 __all__ = [
+    "AckFailure",
     "Admin",
     "AlreadyExistsError",
     "BufferFullError",
@@ -63,8 +71,17 @@ __all__ = [
     "ProducerFencedError",
     "Record",
     "RecordMetadata",
+    "Requester",
     "ResourceExhaustedError",
+    "Responder",
     "RiverlogError",
+    "ShareConsumer",
+    "ShareGroupConfig",
+    "ShareGroupDescription",
+    "ShareGroupListing",
+    "ShareMemberDescription",
+    "SharePartitionState",
+    "ShareRecord",
     "TopicInfo",
     "TopicPartition",
     "UnavailableError",

@@ -378,6 +378,8 @@ class ShareGroupManager:
         now_ms = self._clock_ms()
         with self._lock:
             group = self._groups.get(group_id)
+            if wanted is not None:
+                _check_not_dead_letter(settings_new if group is None else group.settings, wanted)
             if member_id == "":
                 if wanted is None:
                     raise InvalidConfigError("joining a share group names at least one topic")
@@ -405,6 +407,7 @@ class ShareGroupManager:
                 if wanted is not None:
                     member.topics = wanted
             assert group is not None
+            _check_not_dead_letter(group.settings, member.topics)
             self._init_partitions(group, member.topics, now_ms)
             interval = min(HEARTBEAT_INTERVAL_MS_MAX, session_ms // 3)
             return member_id, interval, group.settings
@@ -878,6 +881,9 @@ class ShareGroupManager:
         with self._lock:
             group = self._group(group_id)
             settings = group.settings.changed(changes)
+            _check_not_dead_letter(
+                settings, group.topics.union(*(m.topics for m in group.members.values()))
+            )
             self._store.write_config(group_id, settings.to_json(), now_ms)
             group.settings = settings
             for window in group.windows.values():
@@ -952,6 +958,15 @@ class ShareGroupManager:
                 )
             self._store.delete_group(group_id, now_ms)
             del self._groups[group_id]
+
+
+def _check_not_dead_letter(settings: ShareSettings, topics: Iterable[str]) -> None:
+    """A group never reads its own dead-letter topic: archived records would come back."""
+    if settings.dead_letter_topic and settings.dead_letter_topic in set(topics):
+        raise InvalidConfigError(
+            f"topic {settings.dead_letter_topic!r} is the group's dead-letter topic; the group "
+            "cannot also consume it (consume it in another group)"
+        )
 
 
 def _refusal(tp: TP, r: Refused) -> AckRefusal:

@@ -7,5 +7,14 @@ async with AsyncProducer() as producer:
 from .client._admin import AsyncAdmin
 from .client._consumer import AsyncConsumer
 from .client._producer import AsyncProducer
+from .client._reqreply import AsyncRequester, AsyncResponder
+from .client._share import AsyncShareConsumer
 
-__all__ = ["AsyncAdmin", "AsyncConsumer", "AsyncProducer"]
+__all__ = [
+    "AsyncAdmin",
+    "AsyncConsumer",
+    "AsyncProducer",
+    "AsyncRequester",
+    "AsyncResponder",
+    "AsyncShareConsumer",
+]

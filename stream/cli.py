@@ -1,4 +1,5 @@
-"""The `riverlog` command: the broker, and a client for topics, groups, produce and consume.
+"""The `riverlog` command: the broker, and a client for topics, consumer and share groups,
+produce and consume.
 
     riverlog serve [--data-dir DIR] [--listen HOST:PORT] [--config FILE.toml] [log flags]
     riverlog demo [--data-dir DIR] [--records N]   append to a partition log and read it back
@@ -8,15 +9,21 @@
     riverlog groups list | describe GROUP | delete GROUP
     riverlog groups reset-offsets GROUP --topic T (--to-earliest | --to-latest
         | --to-timestamp TIME | --to-offset N | --shift-by N) [--partition P ...] [--dry-run]
+    riverlog share-groups list | describe GROUP | delete GROUP
+    riverlog share-groups alter GROUP [--lock-ms N] [--max-delivery-attempts N]
+        [--dead-letter-topic T] [--start earliest|latest] [--retry-backoff-ms N]
+        [--retry-backoff-max-ms N]
+    riverlog share-groups reset-offsets GROUP --topic T (--to-earliest | --to-latest
+        | --to-timestamp TIME | --to-offset N) [--partition P ...] [--dry-run]
     riverlog produce TOPIC [--key-separator SEP] [--header KEY=VALUE ...] [--partition P]
         [--acks none|leader|all] [--compression gzip|lz4|zstd]     one record per stdin line
     riverlog consume TOPIC [--from-beginning | --offset N | --timestamp TIME] [--partition P]
         [--group G] [--max-messages N] [--timeout-ms MS] [--format text|json|raw]
 
 Every client command takes `--server HOST:PORT` (default: $RIVERLOG_SERVER, else
-127.0.0.1:7171); topics, groups and produce take `--json` for machine-readable output (one
-JSON document on stdout) instead of aligned tables. TIME is an integer (ms since the Unix
-epoch) or ISO 8601 (`2024-05-01T12:00:00Z`; without a UTC offset it is local time).
+127.0.0.1:7171); topics, groups, share-groups and produce take `--json` for machine-readable
+output (one JSON document on stdout) instead of aligned tables. TIME is an integer (ms since
+the Unix epoch) or ISO 8601 (`2024-05-01T12:00:00Z`; without a UTC offset it is local time).
 
 `consume` follows the topic until it has printed --max-messages records, until --timeout-ms
 passed without a new record, or until Ctrl-C, like `tail -f` (there is no idle time-out by
@@ -66,7 +73,14 @@ from storage import (
     encode_batch,
 )
 
-from .client._admin import Admin, GroupDescription, TopicInfo
+from .client._admin import (
+    Admin,
+    GroupDescription,
+    OffsetChange,
+    ShareGroupConfig,
+    ShareGroupDescription,
+    TopicInfo,
+)
 from .client._base import (
     SERVER_DEFAULT,
     SERVER_ENV,
@@ -494,26 +508,169 @@ def _groups(args: argparse.Namespace) -> int:
                 partitions=args.partition,
                 dry_run=args.dry_run,
             )
+            _print_offset_changes(args, changes)
+        else:  # pragma: no cover - argparse allows only the commands above
+            raise AssertionError(command)
+    return 0
+
+
+def _print_offset_changes(args: argparse.Namespace, changes: list[OffsetChange]) -> None:
+    """The answer of `groups reset-offsets` and `share-groups reset-offsets`."""
+    if args.json:
+        _print_json(
+            {
+                "group_id": args.group,
+                "topic": args.topic,
+                "applied": not args.dry_run,
+                "changes": changes,
+            }
+        )
+        return
+    print(
+        _table(
+            ["PARTITION", "PREVIOUS", "NEW"],
+            [[c.partition, c.previous, c.new] for c in changes],
+        )
+    )
+    if args.dry_run:
+        print("dry run: nothing changed (run without --dry-run to apply)")
+    else:
+        print(f"reset {len(changes)} partition(s) of topic {args.topic!r}")
+
+
+# ---------------------------------------------------------------------------- client: share groups
+# The settings `share-groups alter` takes, as (flag, alter_share_group keyword).
+_SHARE_SETTINGS = [
+    ("--lock-ms", "lock_ms"),
+    ("--max-delivery-attempts", "max_delivery_attempts"),
+    ("--dead-letter-topic", "dead_letter_topic"),
+    ("--start", "start"),
+    ("--retry-backoff-ms", "retry_backoff_ms"),
+    ("--retry-backoff-max-ms", "retry_backoff_max_ms"),
+]
+
+
+def _time_text(ms: int) -> str:
+    """ms since the Unix epoch as ISO 8601 in UTC, to the millisecond."""
+    return (_EPOCH + ms * _MILLISECOND).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _print_share_settings(config: ShareGroupConfig) -> None:
+    print(f"lock ms                  {config.lock_ms}")
+    print(f"max delivery attempts    {config.max_delivery_attempts}")
+    print(f"dead-letter topic        {config.dead_letter_topic or '-'}")
+    print(f"start                    {config.start}")
+    print(f"retry backoff ms         {config.retry_backoff_ms}")
+    print(f"retry backoff max ms     {config.retry_backoff_max_ms}")
+
+
+def _print_share_group(d: ShareGroupDescription) -> None:
+    print(f"share group              {d.group_id}")
+    _print_share_settings(d.config)
+    print(f"members                  {len(d.members)}")
+    print(f"total lag                {d.total_lag}")
+    if d.partitions:
+        print()
+        print(
+            _table(
+                [
+                    "TOPIC",
+                    "PARTITION",
+                    "START",
+                    "END",
+                    "LOG_END",
+                    "AVAILABLE",
+                    "ACQUIRED",
+                    "DELAYED",
+                    "DONE",
+                    "LAG",
+                    "ARCHIVED",
+                ],
+                [
+                    [
+                        p.topic,
+                        p.partition,
+                        p.start_offset,
+                        p.end_offset,
+                        p.log_end_offset,
+                        p.available,
+                        p.acquired,
+                        p.delayed,
+                        p.done,
+                        p.lag,
+                        p.archived_total,
+                    ]
+                    for p in d.partitions
+                ],
+            )
+        )
+    if d.members:
+        print()
+        print(
+            _table(
+                ["MEMBER", "TOPICS", "ACQUIRED", "LAST_HEARTBEAT"],
+                [
+                    [
+                        m.member_id,
+                        ",".join(m.topics) or None,
+                        m.acquired,
+                        _time_text(m.last_heartbeat_ms),
+                    ]
+                    for m in d.members
+                ],
+            )
+        )
+
+
+def _share_groups(args: argparse.Namespace) -> int:
+    command = args.share_groups_command
+    settings: dict[str, Any] = {}
+    if command == "alter":
+        settings = {key: getattr(args, key) for _flag, key in _SHARE_SETTINGS}
+        if all(value is None for value in settings.values()):
+            parser: argparse.ArgumentParser = args.parser
+            parser.error(
+                "nothing to alter: give at least one of "
+                + ", ".join(flag for flag, _key in _SHARE_SETTINGS)
+            )
+    with Admin(default_server(args.server)) as admin:
+        if command == "list":
+            groups = admin.list_share_groups()
             if args.json:
-                _print_json(
-                    {
-                        "group_id": args.group,
-                        "topic": args.topic,
-                        "applied": not args.dry_run,
-                        "changes": changes,
-                    }
-                )
+                _print_json(groups)
             else:
-                print(
-                    _table(
-                        ["PARTITION", "PREVIOUS", "NEW"],
-                        [[c.partition, c.previous, c.new] for c in changes],
-                    )
-                )
-                if args.dry_run:
-                    print("dry run: nothing changed (run without --dry-run to apply)")
-                else:
-                    print(f"reset {len(changes)} partition(s) of topic {args.topic!r}")
+                print(_table(["GROUP", "MEMBERS"], [[g.group_id, g.members] for g in groups]))
+        elif command == "describe":
+            description = admin.describe_share_group(args.group)
+            if args.json:
+                _print_json(description)
+            else:
+                _print_share_group(description)
+        elif command == "alter":
+            config = admin.alter_share_group(args.group, **settings)
+            if args.json:
+                _print_json(config)
+            else:
+                print(f"altered share group {args.group!r}")
+                _print_share_settings(config)
+        elif command == "reset-offsets":
+            changes = admin.reset_share_offsets(
+                args.group,
+                args.topic,
+                to_earliest=args.to_earliest,
+                to_latest=args.to_latest,
+                to_timestamp_ms=args.to_timestamp,
+                to_offset=args.to_offset,
+                partitions=args.partition or (),
+                dry_run=args.dry_run,
+            )
+            _print_offset_changes(args, changes)
+        elif command == "delete":
+            admin.delete_share_group(args.group)
+            if args.json:
+                _print_json({"deleted": args.group})
+            else:
+                print(f"deleted share group {args.group!r}")
         else:  # pragma: no cover - argparse allows only the commands above
             raise AssertionError(command)
     return 0
@@ -754,6 +911,35 @@ def _client_parent(*, with_json: bool) -> argparse.ArgumentParser:
     return parent
 
 
+def _add_reset_arguments(reset: argparse.ArgumentParser, *, shift_by: bool) -> None:
+    """GROUP --topic T, one target, --partition, --dry-run: `groups reset-offsets` and (without
+    --shift-by) `share-groups reset-offsets`."""
+    reset.add_argument("group")
+    reset.add_argument("--topic", required=True)
+    target = reset.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-earliest", action="store_true", help="the log start offset")
+    target.add_argument("--to-latest", action="store_true", help="the log end offset")
+    target.add_argument(
+        "--to-timestamp",
+        type=parse_time_ms,
+        metavar="TIME",
+        help="the first record at or after TIME (ms or ISO 8601)",
+    )
+    target.add_argument("--to-offset", type=_not_negative, metavar="N")
+    if shift_by:
+        target.add_argument(
+            "--shift-by", type=int, metavar="N", help="move by N (negative: back), within the log"
+        )
+    reset.add_argument(
+        "--partition",
+        type=_not_negative,
+        action="append",
+        metavar="P",
+        help="only this partition; repeatable (default: all)",
+    )
+    reset.add_argument("--dry-run", action="store_true", help="show the changes, apply none")
+
+
 def _add_client_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
@@ -801,29 +987,49 @@ def _add_client_commands(
     reset = group_commands.add_parser(
         "reset-offsets", parents=[client], help="move a group's committed offsets (no members)"
     )
-    reset.add_argument("group")
-    reset.add_argument("--topic", required=True)
-    target = reset.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to-earliest", action="store_true", help="the log start offset")
-    target.add_argument("--to-latest", action="store_true", help="the log end offset")
-    target.add_argument(
-        "--to-timestamp",
-        type=parse_time_ms,
-        metavar="TIME",
-        help="the first record at or after TIME (ms or ISO 8601)",
+    _add_reset_arguments(reset, shift_by=True)
+
+    share_groups = commands.add_parser(
+        "share-groups", help="list, describe, alter, reset, delete share groups"
     )
-    target.add_argument("--to-offset", type=_not_negative, metavar="N")
-    target.add_argument(
-        "--shift-by", type=int, metavar="N", help="move by N (negative: back), within the log"
+    share_groups.set_defaults(run=_share_groups)
+    share_commands = share_groups.add_subparsers(
+        dest="share_groups_command", metavar="COMMAND", required=True
     )
-    reset.add_argument(
-        "--partition",
-        type=_not_negative,
-        action="append",
-        metavar="P",
-        help="only this partition; repeatable (default: all)",
+    share_commands.add_parser("list", parents=[client], help="share groups and member counts")
+    describe = share_commands.add_parser(
+        "describe",
+        parents=[client],
+        help="settings, members, and per partition the in-flight window and lag",
     )
-    reset.add_argument("--dry-run", action="store_true", help="show the changes, apply none")
+    describe.add_argument("group")
+    alter = share_commands.add_parser(
+        "alter", parents=[client], help="change a share group's settings (others keep theirs)"
+    )
+    alter.add_argument("group")
+    alter.add_argument("--lock-ms", type=_not_negative, metavar="N", help="1000..3600000")
+    alter.add_argument("--max-delivery-attempts", type=_not_negative, metavar="N", help="1..100")
+    alter.add_argument(
+        "--dead-letter-topic", metavar="T", help='where archived records go ("": nowhere)'
+    )
+    alter.add_argument(
+        "--start",
+        choices=["earliest", "latest"],
+        help="where the group starts in partitions it has no state for",
+    )
+    alter.add_argument("--retry-backoff-ms", type=_not_negative, metavar="N", help="0..3600000")
+    alter.add_argument("--retry-backoff-max-ms", type=_not_negative, metavar="N", help="0..3600000")
+    alter.set_defaults(parser=alter)
+    reset = share_commands.add_parser(
+        "reset-offsets",
+        parents=[client],
+        help="move a share group's start offsets, clearing its windows (no members)",
+    )
+    _add_reset_arguments(reset, shift_by=False)
+    delete = share_commands.add_parser(
+        "delete", parents=[client], help="forget a share group and its state (no members)"
+    )
+    delete.add_argument("group")
 
     produce = commands.add_parser(
         "produce", parents=[client], help="send stdin to a topic, one record per line"

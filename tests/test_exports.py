@@ -33,4 +33,22 @@ def test_client_surface_is_stable() -> None:
     # The client API users write against (the list); removing one breaks them.
     for name in ("Producer", "Consumer", "Admin", "Record", "RecordMetadata", "TopicPartition"):
         assert name in stream.__all__
-    assert set(stream_aio.__all__) == {"AsyncProducer", "AsyncConsumer", "AsyncAdmin"}
+    for name in ("ShareConsumer", "ShareRecord", "AckFailure", "Requester", "Responder"):
+        assert name in stream.__all__
+    # What Admin's share-group calls answer with.
+    for name in (
+        "ShareGroupListing",
+        "ShareGroupDescription",
+        "ShareMemberDescription",
+        "SharePartitionState",
+        "ShareGroupConfig",
+    ):
+        assert name in stream.__all__
+    assert set(stream_aio.__all__) == {
+        "AsyncProducer",
+        "AsyncConsumer",
+        "AsyncAdmin",
+        "AsyncShareConsumer",
+        "AsyncRequester",
+        "AsyncResponder",
+    }

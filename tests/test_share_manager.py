@@ -414,3 +414,13 @@ def test_bad_input_is_refused(node: Node) -> None:
         node.share.acknowledge("g", m, [Ack("tasks", 0, 0, 10_000, AckType.ACCEPT)])
     with pytest.raises(UnknownMemberError):
         fetch(node, "nobody")
+
+
+def test_a_group_never_consumes_its_own_dead_letter_topic(node: Node) -> None:
+    with pytest.raises(InvalidConfigError, match="dead-letter"):
+        join(node, dead_letter_topic="tasks")
+    join(node, dead_letter_topic="dlq")
+    with pytest.raises(InvalidConfigError, match="dead-letter"):
+        node.share.alter("g", {"dead_letter_topic": "tasks"})
+    with pytest.raises(InvalidConfigError, match="dead-letter"):
+        join(node, topics=("tasks", "dlq"))

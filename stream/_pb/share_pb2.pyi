@@ -29,6 +29,10 @@ Delayed delivery: a record with the header "riverlog-deliver-at" (ASCII decimal
 milliseconds since the Unix epoch) is not handed out before that time. Retry backoff
 (released or timed-out records) uses the same mechanism: a record given back after its
 n-th delivery is available again after min(retry_backoff_ms * 2^(n-1), retry_backoff_max_ms).
+A waiting record stays in the window (bounded memory: no record is copied aside), so a
+share-partition whose window is full of records not yet due hands out nothing newer until
+the first of them is due: delays suit reminders and retries at modest volume, not millions
+of records parked for hours.
 
 Durability: acknowledgements are fsynced (in the internal log __share_group_state) before
 the call that carries them is answered, so an acknowledged record is never delivered
@@ -110,7 +114,7 @@ class ShareGroupConfig(_message.Message):
     """Deliveries before a record is archived: 1..100; default 5."""
     dead_letter_topic: _builtins.str
     """Where archived records go; "" for nowhere (the default). Created (with the broker's
-    auto-create partition count) when it does not exist.
+    auto-create partition count) when it does not exist. Not a topic the group consumes.
     """
     start: _builtins.str
     """Where a new group starts in each partition: "earliest" or "latest" (the default, as

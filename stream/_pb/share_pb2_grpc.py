@@ -139,8 +139,9 @@ class ShareServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResetShareGroupOffsets(self, request, context):
-        """Move the start of a topic's share-partitions (the window is cleared). Only for a group
-        without members; `dry_run` shows the result.
+        """Move the start of a topic's share-partitions (the window is cleared), clamped to
+        [log start offset, log end offset]. Only for a group without members; `dry_run` shows
+        the result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -29,6 +29,10 @@ Delayed delivery: a record with the header "riverlog-deliver-at" (ASCII decimal
 milliseconds since the Unix epoch) is not handed out before that time. Retry backoff
 (released or timed-out records) uses the same mechanism: a record given back after its
 n-th delivery is available again after min(retry_backoff_ms * 2^(n-1), retry_backoff_max_ms).
+A waiting record stays in the window (bounded memory: no record is copied aside), so a
+share-partition whose window is full of records not yet due hands out nothing newer until
+the first of them is due: delays suit reminders and retries at modest volume, not millions
+of records parked for hours.
 
 Durability: acknowledgements are fsynced (in the internal log __share_group_state) before
 the call that carries them is answered, so an acknowledged record is never delivered
@@ -102,8 +106,9 @@ class ShareStub:
     AlterShareGroup: _grpc.UnaryUnaryMultiCallable[_share_pb2.AlterShareGroupRequest, _share_pb2.ShareGroupConfig]
     """Change the group's settings (fields left unset keep their value)."""
     ResetShareGroupOffsets: _grpc.UnaryUnaryMultiCallable[_share_pb2.ResetShareGroupOffsetsRequest, _share_pb2.ResetShareGroupOffsetsResponse]
-    """Move the start of a topic's share-partitions (the window is cleared). Only for a group
-    without members; `dry_run` shows the result.
+    """Move the start of a topic's share-partitions (the window is cleared), clamped to
+    [log start offset, log end offset]. Only for a group without members; `dry_run` shows
+    the result.
     """
     DeleteShareGroup: _grpc.UnaryUnaryMultiCallable[_share_pb2.DeleteShareGroupRequest, _share_pb2.DeleteShareGroupResponse]
     """Forget the group and its state. Only for a group without members."""
@@ -132,8 +137,9 @@ class ShareAsyncStub(ShareStub):
     AlterShareGroup: _aio.UnaryUnaryMultiCallable[_share_pb2.AlterShareGroupRequest, _share_pb2.ShareGroupConfig]  # type: ignore[assignment]
     """Change the group's settings (fields left unset keep their value)."""
     ResetShareGroupOffsets: _aio.UnaryUnaryMultiCallable[_share_pb2.ResetShareGroupOffsetsRequest, _share_pb2.ResetShareGroupOffsetsResponse]  # type: ignore[assignment]
-    """Move the start of a topic's share-partitions (the window is cleared). Only for a group
-    without members; `dry_run` shows the result.
+    """Move the start of a topic's share-partitions (the window is cleared), clamped to
+    [log start offset, log end offset]. Only for a group without members; `dry_run` shows
+    the result.
     """
     DeleteShareGroup: _aio.UnaryUnaryMultiCallable[_share_pb2.DeleteShareGroupRequest, _share_pb2.DeleteShareGroupResponse]  # type: ignore[assignment]
     """Forget the group and its state. Only for a group without members."""
@@ -207,8 +213,9 @@ class ShareServicer(metaclass=_abc_1.ABCMeta):
         request: _share_pb2.ResetShareGroupOffsetsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_share_pb2.ResetShareGroupOffsetsResponse, _abc.Awaitable[_share_pb2.ResetShareGroupOffsetsResponse]]:
-        """Move the start of a topic's share-partitions (the window is cleared). Only for a group
-        without members; `dry_run` shows the result.
+        """Move the start of a topic's share-partitions (the window is cleared), clamped to
+        [log start offset, log end offset]. Only for a group without members; `dry_run` shows
+        the result.
         """
 
     @_abc_1.abstractmethod

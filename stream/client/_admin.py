@@ -1,14 +1,17 @@
-"""Topic and consumer-group administration: `AsyncAdmin` on grpc.aio, `Admin` its sync facade.
+"""Topic, consumer-group and share-group administration: `AsyncAdmin` on grpc.aio, `Admin` its
+sync facade.
 
-Every method is one RPC of riverlog.v1.Admin, riverlog.v1.Groups or Broker.ListOffsets: build
-the request, await it under the call's deadline, turn the answer into the plain dataclasses
-below (never protobuf messages), and a failed call into a `RiverlogError` subclass
-(`from_rpc_error`). `Admin` runs the same coroutines on its own `EventLoopThread`.
+Every method is one RPC of riverlog.v1.Admin, riverlog.v1.Groups, riverlog.v1.Share or
+Broker.ListOffsets: build the request, await it under the call's deadline, turn the answer into
+the plain dataclasses below (never protobuf messages), and a failed call into a
+`RiverlogError` subclass (`from_rpc_error`). `Admin` runs the same coroutines on its own
+`EventLoopThread`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self, TypeVar
@@ -24,6 +27,8 @@ from stream._pb import (
     broker_pb2_grpc,
     groups_pb2,
     groups_pb2_grpc,
+    share_pb2,
+    share_pb2_grpc,
     types_pb2,
 )
 
@@ -130,6 +135,70 @@ class OffsetInfo:
     log_end_offset: int
 
 
+@dataclass(frozen=True)
+class ShareGroupConfig:
+    """A share group's settings (see proto/riverlog/v1/share.proto for ranges and defaults)."""
+
+    # How long a member holds an acquired record.
+    lock_ms: int
+    # Deliveries before a record is archived.
+    max_delivery_attempts: int
+    # Where archived records are produced; "" for nowhere.
+    dead_letter_topic: str
+    # Where the group starts in each partition: "earliest" or "latest".
+    start: str
+    # Redelivery backoff: base and cap.
+    retry_backoff_ms: int
+    retry_backoff_max_ms: int
+
+
+@dataclass(frozen=True)
+class ShareGroupListing:
+    group_id: str
+    members: int
+
+
+@dataclass(frozen=True)
+class ShareMemberDescription:
+    member_id: str
+    topics: list[str]
+    # Records the member holds now.
+    acquired: int
+    last_heartbeat_ms: int
+
+
+@dataclass(frozen=True)
+class SharePartitionState:
+    """One share-partition: its window [start_offset, end_offset) and what is in it."""
+
+    topic: str
+    partition: int
+    # Every record below it is acknowledged or archived.
+    start_offset: int
+    # The first offset not yet in the window.
+    end_offset: int
+    log_end_offset: int
+    # Records in the window: available now, acquired, waiting (deliver-at or retry backoff),
+    # acknowledged or archived but not yet passed by the start.
+    available: int
+    acquired: int
+    delayed: int
+    done: int
+    # Records not yet acknowledged or archived: log_end_offset - start_offset - done.
+    lag: int
+    # Records archived since the share-partition was created (or reset).
+    archived_total: int
+
+
+@dataclass(frozen=True)
+class ShareGroupDescription:
+    group_id: str
+    config: ShareGroupConfig
+    members: list[ShareMemberDescription]
+    partitions: list[SharePartitionState]
+    total_lag: int
+
+
 # ---------------------------------------------------------------------------- async core
 class AsyncAdmin:
     """Administration on grpc.aio; create it on the event loop that will use it."""
@@ -141,6 +210,7 @@ class AsyncAdmin:
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._groups = groups_pb2_grpc.GroupsStub(self._channel)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
+        self._share = share_pb2_grpc.ShareStub(self._channel)
 
     async def _call(
         self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Response], request: Request
@@ -229,41 +299,99 @@ class AsyncAdmin:
     ) -> list[OffsetChange]:
         """Move the committed offsets of a group without members to exactly one target, in
         `partitions` (None: all of the topic's). `dry_run` computes the changes only."""
-        request = groups_pb2.ResetOffsetsRequest(
-            group_id=group_id, topic=topic, partitions=list(partitions or ()), dry_run=dry_run
-        )
-        targets = {
-            "to_earliest": to_earliest or None,
-            "to_latest": to_latest or None,
-            "to_timestamp_ms": to_timestamp_ms,
-            "to_offset": to_offset,
-            "shift_by": shift_by,
-        }
-        given = [name for name, value in targets.items() if value is not None]
-        if len(given) != 1:
-            raise InvalidArgumentError(
-                "reset_offsets needs exactly one of to_earliest, to_latest, to_timestamp_ms, "
-                f"to_offset, shift_by; got {len(given)}: {', '.join(given) or 'none'}"
+        with _request_fields("reset_offsets"):
+            request = groups_pb2.ResetOffsetsRequest(
+                group_id=group_id, topic=topic, partitions=list(partitions or ()), dry_run=dry_run
             )
-        if to_earliest:
-            request.earliest = True
-        elif to_latest:
-            request.latest = True
-        elif to_timestamp_ms is not None:
-            request.timestamp_ms = to_timestamp_ms
-        elif to_offset is not None:
-            request.offset = to_offset
-        elif shift_by is not None:
-            request.shift_by = shift_by
+            _set_reset_target(
+                request,
+                "reset_offsets",
+                {
+                    "to_earliest": to_earliest,
+                    "to_latest": to_latest,
+                    "to_timestamp_ms": to_timestamp_ms,
+                    "to_offset": to_offset,
+                    "shift_by": shift_by,
+                },
+            )
         answer = await self._call(self._groups.ResetOffsets, request)
-        return [
-            OffsetChange(
-                c.partition,
-                c.previous_offset if c.HasField("previous_offset") else None,
-                c.new_offset,
+        return _offset_changes(answer)
+
+    # -------------------------------------------------------------------- share groups
+    async def list_share_groups(self) -> list[ShareGroupListing]:
+        request = share_pb2.ListShareGroupsRequest()
+        answer = await self._call(self._share.ListShareGroups, request)
+        return [ShareGroupListing(g.group_id, g.members) for g in answer.groups]
+
+    async def describe_share_group(self, group_id: str) -> ShareGroupDescription:
+        request = share_pb2.DescribeShareGroupRequest(group_id=group_id)
+        return _share_group_description(await self._call(self._share.DescribeShareGroup, request))
+
+    async def alter_share_group(
+        self,
+        group_id: str,
+        *,
+        lock_ms: int | None = None,
+        max_delivery_attempts: int | None = None,
+        dead_letter_topic: str | None = None,
+        start: str | None = None,
+        retry_backoff_ms: int | None = None,
+        retry_backoff_max_ms: int | None = None,
+    ) -> ShareGroupConfig:
+        """Change the settings given (None: keep; `dead_letter_topic=""` names none); the
+        answer is every setting of the group after the change."""
+        settings = {
+            "lock_ms": lock_ms,
+            "max_delivery_attempts": max_delivery_attempts,
+            "dead_letter_topic": dead_letter_topic,
+            "start": start,
+            "retry_backoff_ms": retry_backoff_ms,
+            "retry_backoff_max_ms": retry_backoff_max_ms,
+        }
+        with _request_fields("alter_share_group"):
+            config = share_pb2.ShareGroupConfig()
+            for name, value in settings.items():
+                if value is not None:
+                    setattr(config, name, value)
+        request = share_pb2.AlterShareGroupRequest(group_id=group_id, config=config)
+        return _share_group_config(await self._call(self._share.AlterShareGroup, request))
+
+    async def reset_share_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        *,
+        to_earliest: bool = False,
+        to_latest: bool = False,
+        to_timestamp_ms: int | None = None,
+        to_offset: int | None = None,
+        partitions: Iterable[int] = (),
+        dry_run: bool = False,
+    ) -> list[OffsetChange]:
+        """Move the start of a share group's share-partitions of `topic` to exactly one target
+        (as `reset_offsets`, without `shift_by`), clearing their windows; in `partitions`
+        (empty: all of the topic's), for a group without members. `dry_run` computes only."""
+        with _request_fields("reset_share_offsets"):
+            request = share_pb2.ResetShareGroupOffsetsRequest(
+                group_id=group_id, topic=topic, partitions=list(partitions), dry_run=dry_run
             )
-            for c in answer.changes
-        ]
+            _set_reset_target(
+                request,
+                "reset_share_offsets",
+                {
+                    "to_earliest": to_earliest,
+                    "to_latest": to_latest,
+                    "to_timestamp_ms": to_timestamp_ms,
+                    "to_offset": to_offset,
+                },
+            )
+        answer = await self._call(self._share.ResetShareGroupOffsets, request)
+        return _offset_changes(answer)
+
+    async def delete_share_group(self, group_id: str) -> None:
+        """Forget a share group without members and its state."""
+        request = share_pb2.DeleteShareGroupRequest(group_id=group_id)
+        await self._call(self._share.DeleteShareGroup, request)
 
     # -------------------------------------------------------------------- lifetime
     async def close(self) -> None:
@@ -279,6 +407,55 @@ class AsyncAdmin:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+# The request field (of the `to` oneof) each reset target keyword sets; Groups.ResetOffsets and
+# Share.ResetShareGroupOffsets name them alike.
+_RESET_FIELDS = {
+    "to_earliest": "earliest",
+    "to_latest": "latest",
+    "to_timestamp_ms": "timestamp_ms",
+    "to_offset": "offset",
+    "shift_by": "shift_by",
+}
+
+
+def _set_reset_target(
+    request: Message, method: str, targets: Mapping[str, bool | int | None]
+) -> None:
+    """Set on `request` the one target of `targets` given (False and None: not given)."""
+    given = [
+        (name, value) for name, value in targets.items() if value is not None and value is not False
+    ]
+    if len(given) != 1:
+        raise InvalidArgumentError(
+            f"{method} needs exactly one of {', '.join(targets)}; "
+            f"got {len(given)}: {', '.join(name for name, _ in given) or 'none'}"
+        )
+    ((name, value),) = given
+    setattr(request, _RESET_FIELDS[name], value)
+
+
+@contextmanager
+def _request_fields(method: str) -> Iterator[None]:
+    """Protobuf's refusal of a field value (an int beyond int32, a str for an int) as ours."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise InvalidArgumentError(f"{method}: {e}") from None
+
+
+def _offset_changes(
+    answer: groups_pb2.ResetOffsetsResponse | share_pb2.ResetShareGroupOffsetsResponse,
+) -> list[OffsetChange]:
+    return [
+        OffsetChange(
+            c.partition,
+            c.previous_offset if c.HasField("previous_offset") else None,
+            c.new_offset,
+        )
+        for c in answer.changes
+    ]
 
 
 def _topic_info(d: admin_pb2.TopicDescription) -> TopicInfo:
@@ -326,6 +503,45 @@ def _group_description(d: groups_pb2.DescribeGroupResponse) -> GroupDescription:
                 p.log_end_offset,
                 p.lag,
                 p.member_id,
+            )
+            for p in d.partitions
+        ],
+        d.total_lag,
+    )
+
+
+def _share_group_config(c: share_pb2.ShareGroupConfig) -> ShareGroupConfig:
+    return ShareGroupConfig(
+        c.lock_ms,
+        c.max_delivery_attempts,
+        c.dead_letter_topic,
+        c.start,
+        c.retry_backoff_ms,
+        c.retry_backoff_max_ms,
+    )
+
+
+def _share_group_description(d: share_pb2.DescribeShareGroupResponse) -> ShareGroupDescription:
+    return ShareGroupDescription(
+        d.group_id,
+        _share_group_config(d.config),
+        [
+            ShareMemberDescription(m.member_id, list(m.topics), m.acquired, m.last_heartbeat_ms)
+            for m in d.members
+        ],
+        [
+            SharePartitionState(
+                p.topic,
+                p.partition,
+                p.start_offset,
+                p.end_offset,
+                p.log_end_offset,
+                p.available,
+                p.acquired,
+                p.delayed,
+                p.done,
+                p.lag,
+                p.archived_total,
             )
             for p in d.partitions
         ],
@@ -406,6 +622,63 @@ class Admin:
                 dry_run=dry_run,
             )
         )
+
+    def list_share_groups(self) -> list[ShareGroupListing]:
+        return self._thread.run(self._core.list_share_groups())
+
+    def describe_share_group(self, group_id: str) -> ShareGroupDescription:
+        return self._thread.run(self._core.describe_share_group(group_id))
+
+    def alter_share_group(
+        self,
+        group_id: str,
+        *,
+        lock_ms: int | None = None,
+        max_delivery_attempts: int | None = None,
+        dead_letter_topic: str | None = None,
+        start: str | None = None,
+        retry_backoff_ms: int | None = None,
+        retry_backoff_max_ms: int | None = None,
+    ) -> ShareGroupConfig:
+        return self._thread.run(
+            self._core.alter_share_group(
+                group_id,
+                lock_ms=lock_ms,
+                max_delivery_attempts=max_delivery_attempts,
+                dead_letter_topic=dead_letter_topic,
+                start=start,
+                retry_backoff_ms=retry_backoff_ms,
+                retry_backoff_max_ms=retry_backoff_max_ms,
+            )
+        )
+
+    def reset_share_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        *,
+        to_earliest: bool = False,
+        to_latest: bool = False,
+        to_timestamp_ms: int | None = None,
+        to_offset: int | None = None,
+        partitions: Iterable[int] = (),
+        dry_run: bool = False,
+    ) -> list[OffsetChange]:
+        return self._thread.run(
+            self._core.reset_share_offsets(
+                group_id,
+                topic,
+                to_earliest=to_earliest,
+                to_latest=to_latest,
+                to_timestamp_ms=to_timestamp_ms,
+                to_offset=to_offset,
+                partitions=partitions,
+                dry_run=dry_run,
+            )
+        )
+
+    def delete_share_group(self, group_id: str) -> None:
+        self._thread.run(self._core.delete_share_group(group_id))
 
     def close(self) -> None:
         if self._closed:
