@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import time
 
-from stream import Admin, AlreadyExistsError, Producer, ShareConsumer
+from stream import DELIVER_AT_HEADER, Admin, AlreadyExistsError, Producer, ShareConsumer
 
 TOPIC = "reminders"
 GROUP = "reminder-senders"
 DELAY_MS = 600  # short, so that the example (and its test) stays quick
 DEADLINE_S = 20.0
-DELIVER_AT_HEADER = "riverlog-deliver-at"
 # (text, due this long after it is sent); the delayed one is produced first.
 REMINDERS = [("stand-up in 10 minutes", DELAY_MS), ("coffee is ready", 0)]
 

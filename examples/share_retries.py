@@ -15,7 +15,15 @@ from __future__ import annotations
 import contextlib
 import time
 
-from stream import Admin, AlreadyExistsError, Consumer, Producer, ShareConsumer, TopicPartition
+from stream import (
+    DLQ_HEADERS,
+    Admin,
+    AlreadyExistsError,
+    Consumer,
+    Producer,
+    ShareConsumer,
+    TopicPartition,
+)
 
 TOPIC = "share-jobs"
 DEAD_LETTERS = "share-jobs.dlq"
@@ -115,7 +123,7 @@ def read_dead_letters(dlq: Consumer, expected: int) -> list[str]:
             dead.append((record.value or b"").decode())
             print(f"  {dead[-1]}")
             for key, value in record.headers:
-                if key.startswith("riverlog-dlq-"):
+                if key in DLQ_HEADERS:
                     print(f"    {key}: {(value or b'').decode()}")
     return dead
 

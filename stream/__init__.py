@@ -5,6 +5,12 @@ consumer groups, gRPC server and `riverlog` command behind it.
     from stream.aio import AsyncProducer, AsyncConsumer, AsyncAdmin
 """
 
+from ._headers import (
+    CORRELATION_ID_HEADER,
+    DELIVER_AT_HEADER,
+    DLQ_HEADERS,
+    REPLY_TO_HEADER,
+)
 from .client._admin import (
     Admin,
     GroupDescription,
@@ -47,6 +53,10 @@ from .client._reqreply import Requester, Responder
 from .client._share import AckFailure, ShareConsumer, ShareRecord
 
 __all__ = [
+    "CORRELATION_ID_HEADER",
+    "DELIVER_AT_HEADER",
+    "DLQ_HEADERS",
+    "REPLY_TO_HEADER",
     "AckFailure",
     "Admin",
     "AlreadyExistsError",

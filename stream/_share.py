@@ -53,6 +53,7 @@ from storage import (
 )
 
 from ._broker import Broker, FetchQuery, InvalidRequestError, OffsetQuery, UnknownPartitionError
+from ._headers import DELIVER_AT_HEADER, DLQ_HEADERS
 from .groups._coordinator import (
     GroupNotEmptyError,
     UnknownGroupError,
@@ -106,16 +107,7 @@ SCAN_READ_BYTES = 1024 * 1024
 # A waiting fetch re-checks its member and the clock at least this often.
 WAIT_CHECK_S = 0.5
 
-DELIVER_AT_HEADER = "riverlog-deliver-at"
 _DELIVER_AT_NEEDLE = DELIVER_AT_HEADER.encode()
-DLQ_HEADERS = (
-    "riverlog-dlq-topic",
-    "riverlog-dlq-partition",
-    "riverlog-dlq-offset",
-    "riverlog-dlq-delivery-count",
-    "riverlog-dlq-reason",
-    "riverlog-dlq-error",
-)
 
 Start = Literal["earliest", "latest"]
 TP = tuple[str, int]

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Self, TypeVar
 
+from .._headers import CORRELATION_ID_HEADER, REPLY_TO_HEADER
 from ._admin import AsyncAdmin
 from ._base import (
     AlreadyExistsError,
@@ -56,8 +57,6 @@ log = logging.getLogger("riverlog.reqreply")
 T = TypeVar("T")
 Header = tuple[str, bytes | None]
 
-REPLY_TO_HEADER = "riverlog-reply-to"
-CORRELATION_ID_HEADER = "riverlog-correlation-id"
 # Requests of one requester awaiting replies: beyond, request() raises ResourceExhaustedError.
 OUTSTANDING_MAX = 10_000
 # The longest wait of the reply consumer's poll and fetch (close() wakes it earlier).
