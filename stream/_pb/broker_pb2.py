@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from stream._pb import types_pb2 as riverlog_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18riverlog/v1/broker.proto\x12\x0briverlog.v1\x1a\x17riverlog/v1/types.proto\",\n\x13InitProducerRequest\x12\x15\n\rproducer_name\x18\x01 \x01(\t\"C\n\x14InitProducerResponse\x12\x13\n\x0bproducer_id\x18\x01 \x01(\x03\x12\x16\n\x0eproducer_epoch\x18\x02 \x01(\x05\"\x83\x01\n\x10PartitionProduce\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x16\n\tpartition\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0crecord_batch\x18\x03 \x01(\x0c\x12$\n\x07records\x18\x04 \x03(\x0b\x32\x13.riverlog.v1.RecordB\x0c\n\n_partition\"|\n\x0eProduceRequest\x12\x31\n\npartitions\x18\x01 \x03(\x0b\x32\x1d.riverlog.v1.PartitionProduce\x12\x1f\n\x04\x61\x63ks\x18\x02 \x01(\x0e\x32\x11.riverlog.v1.Acks\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\x04\"\xbf\x01\n\x16PartitionProduceResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x0b\x62\x61se_offset\x18\x03 \x01(\x03\x12\x13\n\x0blast_offset\x18\x04 \x01(\x03\x12\x1a\n\x12log_append_time_ms\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\x12\x11\n\tduplicate\x18\x07 \x01(\x08\"_\n\x0fProduceResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.riverlog.v1.PartitionProduceResult\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\x04\"U\n\x0e\x46\x65tchPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\"\xa4\x01\n\x0c\x46\x65tchRequest\x12/\n\npartitions\x18\x01 \x03(\x0b\x32\x1b.riverlog.v1.FetchPartition\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x05\x12\x11\n\tmin_bytes\x18\x03 \x01(\x05\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\x12(\n\x06member\x18\x05 \x01(\x0b\x32\x18.riverlog.v1.GroupMember\"\xae\x01\n\x14\x46\x65tchPartitionResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\"Z\n\rFetchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.riverlog.v1.FetchPartitionResult\x12\x15\n\rheartbeat_now\x18\x02 \x01(\x08\"\xc9\x01\n\rStartPosition\x12\x37\n\x08\x65\x61rliest\x18\x01 \x01(\x0b\x32#.riverlog.v1.StartPosition.EarliestH\x00\x12\x33\n\x06latest\x18\x02 \x01(\x0b\x32!.riverlog.v1.StartPosition.LatestH\x00\x12\x10\n\x06offset\x18\x03 \x01(\x03H\x00\x12\x16\n\x0ctimestamp_ms\x18\x04 \x01(\x03H\x00\x1a\n\n\x08\x45\x61rliest\x1a\x08\n\x06LatestB\n\n\x08position\"\xa9\x01\n\x10SubscribeRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\x05\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.riverlog.v1.StartPosition\x12\x15\n\x0bstop_offset\x18\x04 \x01(\x03H\x00\x12\x15\n\x0bstop_at_end\x18\x05 \x01(\x08H\x00\x12\x11\n\tmax_bytes\x18\x06 \x01(\x05\x42\x06\n\x04stop\"\x94\x01\n\x11SubscribeResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x05 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x06 \x01(\x03\"\xbd\x01\n\x12ListOffsetsRequest\x12\x36\n\x07queries\x18\x01 \x03(\x0b\x32%.riverlog.v1.ListOffsetsRequest.Query\x1ao\n\x05Query\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x12\n\x08\x65\x61rliest\x18\x03 \x01(\x08H\x00\x12\x10\n\x06latest\x18\x04 \x01(\x08H\x00\x12\x16\n\x0ctimestamp_ms\x18\x05 \x01(\x03H\x00\x42\x06\n\x04spec\"\xfa\x01\n\x13ListOffsetsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.riverlog.v1.ListOffsetsResponse.Result\x1a\xa8\x01\n\x06Result\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x06offset\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10log_start_offset\x18\x04 \x01(\x03\x12\x16\n\x0elog_end_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionErrorB\t\n\x07_offset*J\n\x04\x41\x63ks\x12\x14\n\x10\x41\x43KS_UNSPECIFIED\x10\x00\x12\r\n\tACKS_NONE\x10\x01\x12\x0f\n\x0b\x41\x43KS_LEADER\x10\x02\x12\x0c\n\x08\x41\x43KS_ALL\x10\x03\x32\xd3\x03\n\x06\x42roker\x12\x44\n\x07Produce\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse\x12N\n\rProduceStream\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse(\x01\x30\x01\x12>\n\x05\x46\x65tch\x12\x19.riverlog.v1.FetchRequest\x1a\x1a.riverlog.v1.FetchResponse\x12L\n\tSubscribe\x12\x1d.riverlog.v1.SubscribeRequest\x1a\x1e.riverlog.v1.SubscribeResponse0\x01\x12P\n\x0bListOffsets\x12\x1f.riverlog.v1.ListOffsetsRequest\x1a .riverlog.v1.ListOffsetsResponse\x12S\n\x0cInitProducer\x12 .riverlog.v1.InitProducerRequest\x1a!.riverlog.v1.InitProducerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18riverlog/v1/broker.proto\x12\x0briverlog.v1\x1a\x17riverlog/v1/types.proto\",\n\x13InitProducerRequest\x12\x15\n\rproducer_name\x18\x01 \x01(\t\"C\n\x14InitProducerResponse\x12\x13\n\x0bproducer_id\x18\x01 \x01(\x03\x12\x16\n\x0eproducer_epoch\x18\x02 \x01(\x05\"\x83\x01\n\x10PartitionProduce\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x16\n\tpartition\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0crecord_batch\x18\x03 \x01(\x0c\x12$\n\x07records\x18\x04 \x03(\x0b\x32\x13.riverlog.v1.RecordB\x0c\n\n_partition\"|\n\x0eProduceRequest\x12\x31\n\npartitions\x18\x01 \x03(\x0b\x32\x1d.riverlog.v1.PartitionProduce\x12\x1f\n\x04\x61\x63ks\x18\x02 \x01(\x0e\x32\x11.riverlog.v1.Acks\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\x04\"\xbf\x01\n\x16PartitionProduceResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x0b\x62\x61se_offset\x18\x03 \x01(\x03\x12\x13\n\x0blast_offset\x18\x04 \x01(\x03\x12\x1a\n\x12log_append_time_ms\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\x12\x11\n\tduplicate\x18\x07 \x01(\x08\"y\n\x0fProduceResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.riverlog.v1.PartitionProduceResult\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\x04\x12\x18\n\x10throttle_time_ms\x18\x03 \x01(\x05\"U\n\x0e\x46\x65tchPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\"\xa4\x01\n\x0c\x46\x65tchRequest\x12/\n\npartitions\x18\x01 \x03(\x0b\x32\x1b.riverlog.v1.FetchPartition\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x05\x12\x11\n\tmin_bytes\x18\x03 \x01(\x05\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\x12(\n\x06member\x18\x05 \x01(\x0b\x32\x18.riverlog.v1.GroupMember\"\xae\x01\n\x14\x46\x65tchPartitionResult\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionError\"t\n\rFetchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.riverlog.v1.FetchPartitionResult\x12\x15\n\rheartbeat_now\x18\x02 \x01(\x08\x12\x18\n\x10throttle_time_ms\x18\x03 \x01(\x05\"\xc9\x01\n\rStartPosition\x12\x37\n\x08\x65\x61rliest\x18\x01 \x01(\x0b\x32#.riverlog.v1.StartPosition.EarliestH\x00\x12\x33\n\x06latest\x18\x02 \x01(\x0b\x32!.riverlog.v1.StartPosition.LatestH\x00\x12\x10\n\x06offset\x18\x03 \x01(\x03H\x00\x12\x16\n\x0ctimestamp_ms\x18\x04 \x01(\x03H\x00\x1a\n\n\x08\x45\x61rliest\x1a\x08\n\x06LatestB\n\n\x08position\"\xa9\x01\n\x10SubscribeRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\x05\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.riverlog.v1.StartPosition\x12\x15\n\x0bstop_offset\x18\x04 \x01(\x03H\x00\x12\x15\n\x0bstop_at_end\x18\x05 \x01(\x08H\x00\x12\x11\n\tmax_bytes\x18\x06 \x01(\x05\x42\x06\n\x04stop\"\x94\x01\n\x11SubscribeResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x16\n\x0erecord_batches\x18\x03 \x01(\x0c\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x05 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x06 \x01(\x03\"\xbd\x01\n\x12ListOffsetsRequest\x12\x36\n\x07queries\x18\x01 \x03(\x0b\x32%.riverlog.v1.ListOffsetsRequest.Query\x1ao\n\x05Query\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x12\n\x08\x65\x61rliest\x18\x03 \x01(\x08H\x00\x12\x10\n\x06latest\x18\x04 \x01(\x08H\x00\x12\x16\n\x0ctimestamp_ms\x18\x05 \x01(\x03H\x00\x42\x06\n\x04spec\"\xfa\x01\n\x13ListOffsetsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.riverlog.v1.ListOffsetsResponse.Result\x1a\xa8\x01\n\x06Result\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x13\n\x06offset\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10log_start_offset\x18\x04 \x01(\x03\x12\x16\n\x0elog_end_offset\x18\x05 \x01(\x03\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.riverlog.v1.PartitionErrorB\t\n\x07_offset*J\n\x04\x41\x63ks\x12\x14\n\x10\x41\x43KS_UNSPECIFIED\x10\x00\x12\r\n\tACKS_NONE\x10\x01\x12\x0f\n\x0b\x41\x43KS_LEADER\x10\x02\x12\x0c\n\x08\x41\x43KS_ALL\x10\x03\x32\xd3\x03\n\x06\x42roker\x12\x44\n\x07Produce\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse\x12N\n\rProduceStream\x12\x1b.riverlog.v1.ProduceRequest\x1a\x1c.riverlog.v1.ProduceResponse(\x01\x30\x01\x12>\n\x05\x46\x65tch\x12\x19.riverlog.v1.FetchRequest\x1a\x1a.riverlog.v1.FetchResponse\x12L\n\tSubscribe\x12\x1d.riverlog.v1.SubscribeRequest\x1a\x1e.riverlog.v1.SubscribeResponse0\x01\x12P\n\x0bListOffsets\x12\x1f.riverlog.v1.ListOffsetsRequest\x1a .riverlog.v1.ListOffsetsResponse\x12S\n\x0cInitProducer\x12 .riverlog.v1.InitProducerRequest\x1a!.riverlog.v1.InitProducerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'riverlog.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKS']._serialized_start=2227
-  _globals['_ACKS']._serialized_end=2301
+  _globals['_ACKS']._serialized_start=2279
+  _globals['_ACKS']._serialized_end=2353
   _globals['_INITPRODUCERREQUEST']._serialized_start=66
   _globals['_INITPRODUCERREQUEST']._serialized_end=110
   _globals['_INITPRODUCERRESPONSE']._serialized_start=112
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITIONPRODUCERESULT']._serialized_start=442
   _globals['_PARTITIONPRODUCERESULT']._serialized_end=633
   _globals['_PRODUCERESPONSE']._serialized_start=635
-  _globals['_PRODUCERESPONSE']._serialized_end=730
-  _globals['_FETCHPARTITION']._serialized_start=732
-  _globals['_FETCHPARTITION']._serialized_end=817
-  _globals['_FETCHREQUEST']._serialized_start=820
-  _globals['_FETCHREQUEST']._serialized_end=984
-  _globals['_FETCHPARTITIONRESULT']._serialized_start=987
-  _globals['_FETCHPARTITIONRESULT']._serialized_end=1161
-  _globals['_FETCHRESPONSE']._serialized_start=1163
-  _globals['_FETCHRESPONSE']._serialized_end=1253
-  _globals['_STARTPOSITION']._serialized_start=1256
-  _globals['_STARTPOSITION']._serialized_end=1457
-  _globals['_STARTPOSITION_EARLIEST']._serialized_start=1425
-  _globals['_STARTPOSITION_EARLIEST']._serialized_end=1435
-  _globals['_STARTPOSITION_LATEST']._serialized_start=1437
-  _globals['_STARTPOSITION_LATEST']._serialized_end=1445
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1460
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1629
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1632
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1780
-  _globals['_LISTOFFSETSREQUEST']._serialized_start=1783
-  _globals['_LISTOFFSETSREQUEST']._serialized_end=1972
-  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_start=1861
-  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_end=1972
-  _globals['_LISTOFFSETSRESPONSE']._serialized_start=1975
-  _globals['_LISTOFFSETSRESPONSE']._serialized_end=2225
-  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_start=2057
-  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_end=2225
-  _globals['_BROKER']._serialized_start=2304
-  _globals['_BROKER']._serialized_end=2771
+  _globals['_PRODUCERESPONSE']._serialized_end=756
+  _globals['_FETCHPARTITION']._serialized_start=758
+  _globals['_FETCHPARTITION']._serialized_end=843
+  _globals['_FETCHREQUEST']._serialized_start=846
+  _globals['_FETCHREQUEST']._serialized_end=1010
+  _globals['_FETCHPARTITIONRESULT']._serialized_start=1013
+  _globals['_FETCHPARTITIONRESULT']._serialized_end=1187
+  _globals['_FETCHRESPONSE']._serialized_start=1189
+  _globals['_FETCHRESPONSE']._serialized_end=1305
+  _globals['_STARTPOSITION']._serialized_start=1308
+  _globals['_STARTPOSITION']._serialized_end=1509
+  _globals['_STARTPOSITION_EARLIEST']._serialized_start=1477
+  _globals['_STARTPOSITION_EARLIEST']._serialized_end=1487
+  _globals['_STARTPOSITION_LATEST']._serialized_start=1489
+  _globals['_STARTPOSITION_LATEST']._serialized_end=1497
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1512
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1681
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1684
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1832
+  _globals['_LISTOFFSETSREQUEST']._serialized_start=1835
+  _globals['_LISTOFFSETSREQUEST']._serialized_end=2024
+  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_start=1913
+  _globals['_LISTOFFSETSREQUEST_QUERY']._serialized_end=2024
+  _globals['_LISTOFFSETSRESPONSE']._serialized_start=2027
+  _globals['_LISTOFFSETSRESPONSE']._serialized_end=2277
+  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_start=2109
+  _globals['_LISTOFFSETSRESPONSE_RESULT']._serialized_end=2277
+  _globals['_BROKER']._serialized_start=2356
+  _globals['_BROKER']._serialized_end=2823
 # @@protoc_insertion_point(module_scope)

@@ -223,7 +223,12 @@ class ProduceResponse(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    THROTTLE_TIME_MS_FIELD_NUMBER: _builtins.int
     correlation_id: _builtins.int
+    throttle_time_ms: _builtins.int
+    """How long the broker held this answer back because the caller is over its produce quota
+    (see security.proto); a client should also wait this long before its next request.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionProduceResult]:
         """One result per appended (topic, partition), in request order. A convenience entry
@@ -235,10 +240,11 @@ class ProduceResponse(_message.Message):
         *,
         results: _abc.Iterable[Global___PartitionProduceResult] | None = ...,
         correlation_id: _builtins.int = ...,
+        throttle_time_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "results", b"results", "throttle_time_ms", b"throttle_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,11 +366,14 @@ class FetchResponse(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_NOW_FIELD_NUMBER: _builtins.int
+    THROTTLE_TIME_MS_FIELD_NUMBER: _builtins.int
     heartbeat_now: _builtins.bool
     """Group-scoped fetches only: the member's assignment is about to change (a member joined
     or left). Heartbeat now rather than at the next interval, so the rebalance waits for a
     fetch, not for a heartbeat interval of up to 5 s.
     """
+    throttle_time_ms: _builtins.int
+    """How long the broker held this answer back because the caller is over its fetch quota."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FetchPartitionResult]: ...
     def __init__(
@@ -372,10 +381,11 @@ class FetchResponse(_message.Message):
         *,
         results: _abc.Iterable[Global___FetchPartitionResult] | None = ...,
         heartbeat_now: _builtins.bool = ...,
+        throttle_time_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_now", b"heartbeat_now", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_now", b"heartbeat_now", "results", b"results", "throttle_time_ms", b"throttle_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -448,8 +448,11 @@ class ShareFetchResponse(_message.Message):
     PARTITIONS_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     LOCK_DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    THROTTLE_TIME_MS_FIELD_NUMBER: _builtins.int
     lock_deadline_ms: _builtins.int
     """When the locks of this answer's records expire (broker clock, ms since the epoch)."""
+    throttle_time_ms: _builtins.int
+    """How long the broker held this answer back because the caller is over its fetch quota."""
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShareFetchPartition]: ...
     @_builtins.property
@@ -460,10 +463,11 @@ class ShareFetchResponse(_message.Message):
         partitions: _abc.Iterable[Global___ShareFetchPartition] | None = ...,
         refused: _abc.Iterable[Global___AckRefusal] | None = ...,
         lock_deadline_ms: _builtins.int = ...,
+        throttle_time_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_deadline_ms", b"lock_deadline_ms", "partitions", b"partitions", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_deadline_ms", b"lock_deadline_ms", "partitions", b"partitions", "refused", b"refused", "throttle_time_ms", b"throttle_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
