@@ -12,6 +12,8 @@ from ._groups import GroupInfo, GroupManager, ResetSpec
 from ._pb import groups_pb2, types_pb2
 from ._rpc import guarded, method_handlers, parse
 from .groups._coordinator import Subscription, TopicPartition
+from .security._acl import Operation, ResourceType
+from .security._guard import Guard
 
 GROUPS_SERVICE = "riverlog.v1.Groups"
 
@@ -39,12 +41,24 @@ def _subscription_pb(sub: Subscription) -> groups_pb2.Subscription:
 
 
 class GroupsService:
-    def __init__(self, groups: GroupManager) -> None:
+    def __init__(self, groups: GroupManager, guard: Guard) -> None:
         self.groups = groups
+        self.guard = guard
+
+    def _group(self, operation: Operation, group_id: str) -> None:
+        self.guard.check(operation, ResourceType.GROUP, group_id)
+
+    def _read_topics(self, topics: Iterable[str]) -> None:
+        for topic in set(topics):
+            self.guard.check(Operation.READ, ResourceType.TOPIC, topic)
 
     @guarded
     def Heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> groups_pb2.HeartbeatResponse:
         r = parse(groups_pb2.HeartbeatRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
+        if r.HasField("subscription"):
+            # A pattern is not checked here: each fetch checks READ on what it reads.
+            self._read_topics(r.subscription.topics)
         result = self.groups.heartbeat(
             r.group_id,
             r.member_id,
@@ -68,6 +82,7 @@ class GroupsService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> groups_pb2.LeaveGroupResponse:
         r = parse(groups_pb2.LeaveGroupRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
         self.groups.leave(r.group_id, r.member_id, r.member_epoch)
         return groups_pb2.LeaveGroupResponse()
 
@@ -77,6 +92,8 @@ class GroupsService:
     ) -> groups_pb2.CommitOffsetsResponse:
         r = parse(groups_pb2.CommitOffsetsRequest, raw, context)
         m = r.member
+        self._group(Operation.READ, m.group_id)
+        self._read_topics(o.topic for o in r.offsets)
         self.groups.commit(
             m.group_id,
             m.member_id,
@@ -90,6 +107,7 @@ class GroupsService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> groups_pb2.FetchOffsetsResponse:
         r = parse(groups_pb2.FetchOffsetsRequest, raw, context)
+        self._group(Operation.DESCRIBE, r.group_id)
         wanted = _partitions(r.partitions) if r.partitions else None
         out = groups_pb2.FetchOffsetsResponse()
         for tp, committed in self.groups.fetch_offsets(r.group_id, wanted):
@@ -109,6 +127,7 @@ class GroupsService:
             groups=[
                 groups_pb2.ListGroupsResponse.Group(group_id=g, state=state, members=n)
                 for g, state, n in self.groups.list_groups()
+                if self.guard.allowed(Operation.DESCRIBE, ResourceType.GROUP, g)
             ]
         )
 
@@ -117,6 +136,7 @@ class GroupsService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> groups_pb2.DescribeGroupResponse:
         r = parse(groups_pb2.DescribeGroupRequest, raw, context)
+        self._group(Operation.DESCRIBE, r.group_id)
         return _describe(self.groups.describe(r.group_id))
 
     @guarded
@@ -124,6 +144,7 @@ class GroupsService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> groups_pb2.DeleteGroupResponse:
         r = parse(groups_pb2.DeleteGroupRequest, raw, context)
+        self._group(Operation.DELETE, r.group_id)
         self.groups.delete_group(r.group_id)
         return groups_pb2.DeleteGroupResponse()
 
@@ -132,6 +153,8 @@ class GroupsService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> groups_pb2.ResetOffsetsResponse:
         r = parse(groups_pb2.ResetOffsetsRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
+        self._read_topics([r.topic])
         kind = r.WhichOneof("to")
         spec: ResetSpec
         if kind == "earliest":
@@ -191,7 +214,7 @@ def _describe(info: GroupInfo) -> groups_pb2.DescribeGroupResponse:
     return out
 
 
-def groups_handlers(groups: GroupManager) -> grpc.GenericRpcHandler:
+def groups_handlers(groups: GroupManager, guard: Guard) -> grpc.GenericRpcHandler:
     kinds: dict[str, tuple[str, Any]] = {
         "Heartbeat": ("unary", groups_pb2.HeartbeatResponse),
         "LeaveGroup": ("unary", groups_pb2.LeaveGroupResponse),
@@ -202,4 +225,4 @@ def groups_handlers(groups: GroupManager) -> grpc.GenericRpcHandler:
         "DeleteGroup": ("unary", groups_pb2.DeleteGroupResponse),
         "ResetOffsets": ("unary", groups_pb2.ResetOffsetsResponse),
     }
-    return method_handlers(GROUPS_SERVICE, GroupsService(groups), kinds)
+    return method_handlers(GROUPS_SERVICE, GroupsService(groups, guard), kinds)

@@ -13,7 +13,9 @@ StorageError subclass; `status_for` maps them, and nothing else reaches the clie
     FAILED_PRECONDITION  unknown group member (rejoin); group not empty (delete, reset);
                          idempotent batch out of sequence or from an unknown producer id
     ABORTED              stale member epoch (heartbeat, then retry); fenced producer epoch
-    PERMISSION_DENIED    commit or fetch for a partition the member does not own
+    UNAUTHENTICATED      no token or certificate where one is required; an unknown token
+    PERMISSION_DENIED    an ACL does not allow the call (names the operation and resource);
+                         commit or fetch for a partition the member does not own
     UNAVAILABLE          the broker is shutting down; a partition log offline after a failed
                          fsync (LOG_OFFLINE)
     INTERNAL             a corrupt log or an unexpected failure (logged with its traceback)
@@ -56,10 +58,13 @@ from .groups._coordinator import (
     UnknownGroupError,
     UnknownMemberError,
 )
+from .security._guard import NotAuthenticatedError, NotAuthorizedError
 
 log = logging.getLogger("riverlog.server")
 
 _STATUS: list[tuple[type[StorageError], grpc.StatusCode]] = [
+    (NotAuthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),
     (UnknownGroupError, grpc.StatusCode.NOT_FOUND),
     (UnknownMemberError, grpc.StatusCode.FAILED_PRECONDITION),
     (FencedMemberError, grpc.StatusCode.ABORTED),

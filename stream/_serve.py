@@ -29,7 +29,14 @@ from ._share import MAX_IN_FLIGHT_DEFAULT as SHARE_MAX_IN_FLIGHT_DEFAULT
 from ._share import MAX_IN_FLIGHT_MAX as SHARE_MAX_IN_FLIGHT_MAX
 from ._share import ShareGroupManager
 from .groups._offsets import OffsetStore
+from .security._acl import Authorizer
+from .security._guard import Guard
+from .security._quota import QuotaManager
+from .security._tokens import TokenStore
 from .share._state import ShareStateStore
+
+ACLS_FILE_NAME = "acls.json"
+QUOTAS_FILE_NAME = "quotas.json"
 
 log = logging.getLogger("riverlog.serve")
 
@@ -44,6 +51,33 @@ UNARY_WORKERS_MIN = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """TLS, authentication and ACLs (README "Security"); everything off by default."""
+
+    # TLS on the listener: certificate chain and key (PEM).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # With it, clients must present a certificate signed by this CA (mutual TLS); its
+    # subject is their principal.
+    tls_client_ca_file: str | None = None
+    # Principals and token hashes (riverlog tokens add); with it, every call needs a token
+    # (or a client certificate). Reloaded on SIGHUP.
+    tokens_file: str | None = None
+    # Principals allowed everything (Kafka's super.users).
+    super_users: tuple[str, ...] = ()
+    # Enforce ACLs (default deny); ACLs live in <data_dir>/acls.json.
+    acls_enabled: bool = False
+    # ACLs added at start (the same JSON format as acls.json).
+    acls_bootstrap_file: str | None = None
+    # Allow plaintext on a non-loopback address.
+    insecure: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ServeConfig:
     broker: BrokerConfig
     listen: str = LISTEN_DEFAULT
@@ -51,7 +85,19 @@ class ServeConfig:
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
     # Records in flight per share-partition (see stream/_share.py).
     share_max_in_flight: int = SHARE_MAX_IN_FLIGHT_DEFAULT
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
+
+SECURITY_KEYS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "tokens_file",
+    "super_users",
+    "acls_enabled",
+    "acls_bootstrap_file",
+    "insecure",
+)
 
 _BROKER_KEYS = {
     "data_dir",
@@ -64,6 +110,7 @@ _BROKER_KEYS = {
     "subscribers_max",
     "producer_name_expiry_ms",
     "share_max_in_flight",
+    *SECURITY_KEYS,
 }
 
 
@@ -124,13 +171,74 @@ def load_config(
         raise InvalidConfigError(
             f"share_max_in_flight must be in [1, {SHARE_MAX_IN_FLIGHT_MAX}], got {in_flight}"
         )
+    security = _security_config(broker_table)
+    listen = str(broker_table.get("listen", LISTEN_DEFAULT))
+    _check_listener(listen, security)
     return ServeConfig(
         broker=broker,
-        listen=str(broker_table.get("listen", LISTEN_DEFAULT)),
+        listen=listen,
         workers=workers,
         shutdown_grace_s=float(broker_table.get("shutdown_grace_s", SHUTDOWN_GRACE_S_DEFAULT)),
         share_max_in_flight=in_flight,
+        security=security,
     )
+
+
+def _security_config(table: Mapping[str, Any]) -> SecurityConfig:
+    def path(key: str) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise InvalidConfigError(f"{key} must be a file path")
+        return value
+
+    users = table.get("super_users", ())
+    if isinstance(users, str):
+        users = [u for u in (part.strip() for part in users.split(",")) if u]
+    if not isinstance(users, list | tuple) or not all(isinstance(u, str) for u in users):
+        raise InvalidConfigError("super_users must be a list of principal names")
+    config = SecurityConfig(
+        tls_cert_file=path("tls_cert_file"),
+        tls_key_file=path("tls_key_file"),
+        tls_client_ca_file=path("tls_client_ca_file"),
+        tokens_file=path("tokens_file"),
+        super_users=tuple(users),
+        acls_enabled=bool(table.get("acls_enabled", False)),
+        acls_bootstrap_file=path("acls_bootstrap_file"),
+        insecure=bool(table.get("insecure", False)),
+    )
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        raise InvalidConfigError("TLS needs both tls_cert_file and tls_key_file")
+    if config.tls_client_ca_file is not None and not config.tls:
+        raise InvalidConfigError("tls_client_ca_file (mutual TLS) needs TLS: set tls_cert_file")
+    for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "tokens_file"):
+        value = getattr(config, key)
+        if value is not None and key != "tokens_file" and not Path(value).is_file():
+            raise InvalidConfigError(f"{key}: no such file {value}")
+    if config.acls_bootstrap_file is not None and not Path(config.acls_bootstrap_file).is_file():
+        raise InvalidConfigError(f"acls_bootstrap_file: no such file {config.acls_bootstrap_file}")
+    return config
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _check_listener(listen: str, security: SecurityConfig) -> None:
+    """Plaintext only on loopback, unless the operator says --insecure (and is warned)."""
+    if security.tls or is_loopback(listen):
+        return
+    if not security.insecure:
+        raise InvalidConfigError(
+            f"listening on {listen} without TLS would let anyone on the network read and "
+            "write: give a certificate (--tls-cert, --tls-key) or say --insecure"
+        )
+    log.warning("listening on %s WITHOUT TLS (--insecure): traffic is plaintext", listen)
 
 
 # glibc's malloc serves blocks over its mmap threshold with fresh mmaps and raises that
@@ -183,9 +291,20 @@ class RunningBroker:
         except BaseException:
             self._close_stores()
             raise
-        self.server = build_server(self.broker, self.groups, self.share, workers=config.workers)
         try:
-            self.port = self.server.add_insecure_port(config.listen)
+            self.guard = _guard(config)
+        except BaseException:
+            self._close_stores()
+            raise
+        self.server = build_server(
+            self.broker, self.groups, self.share, guard=self.guard, workers=config.workers
+        )
+        try:
+            credentials = _server_credentials(config.security)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(config.listen)
+            else:
+                self.port = self.server.add_secure_port(config.listen, credentials)
         except RuntimeError as e:
             self._close_stores()
             raise InvalidConfigError(f"cannot listen on {config.listen}: {e}") from None
@@ -248,8 +367,51 @@ class RunningBroker:
             finally:
                 self.broker.close()
 
+    def reload(self) -> None:
+        """Re-read what may change while running (SIGHUP): the tokens file."""
+        if self.guard.tokens is not None:
+            self.guard.tokens.reload()
+            log.info(
+                "reloaded %d principal(s) from the tokens file", len(self.guard.tokens.principals())
+            )
+
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.server.wait_for_termination(timeout_s))
+
+
+def _guard(config: ServeConfig) -> Guard:
+    sec = config.security
+    data_dir = config.broker.data_dir
+    tokens = None if sec.tokens_file is None else TokenStore.load(sec.tokens_file, wall_clock_ms)
+    authorizer = Authorizer(
+        data_dir / ACLS_FILE_NAME, frozenset(sec.super_users), enabled=sec.acls_enabled
+    )
+    if sec.acls_bootstrap_file is not None:
+        added = authorizer.load_file(sec.acls_bootstrap_file)
+        log.info("added %d ACL(s) from %s", added, sec.acls_bootstrap_file)
+    quotas = QuotaManager(wall_clock_ms, data_dir / QUOTAS_FILE_NAME)
+    return Guard(
+        tokens=tokens,
+        authorizer=authorizer,
+        quotas=quotas,
+        require_client_cert=sec.tls_client_ca_file is not None,
+    )
+
+
+def _server_credentials(sec: SecurityConfig) -> grpc.ServerCredentials | None:
+    if not sec.tls:
+        return None
+    assert sec.tls_cert_file is not None
+    assert sec.tls_key_file is not None
+    try:
+        chain = Path(sec.tls_cert_file).read_bytes()
+        key = Path(sec.tls_key_file).read_bytes()
+        ca = None if sec.tls_client_ca_file is None else Path(sec.tls_client_ca_file).read_bytes()
+    except OSError as e:
+        raise InvalidConfigError(f"cannot read a TLS file: {e}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def channel_ready(address: str, timeout_s: float = 5.0) -> bool:

@@ -7,7 +7,7 @@ service, health and reflection.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -44,9 +44,12 @@ from ._rpc import (
     partition_error,
     status_for,
 )
+from ._security_service import SECURITY_SERVICE, security_handlers
 from ._share import ShareGroupManager
 from ._share_service import SHARE_SERVICE, share_handlers
 from .groups._coordinator import TopicPartition
+from .security._acl import Operation, ResourceType
+from .security._guard import Guard, open_guard
 
 log = logging.getLogger("riverlog.server")
 
@@ -67,9 +70,26 @@ CONCURRENT_RPCS_MAX = 256
 
 # ---------------------------------------------------------------------------- Broker
 class BrokerService:
-    def __init__(self, broker: Broker, groups: GroupManager | None = None) -> None:
+    def __init__(
+        self, broker: Broker, groups: GroupManager | None = None, guard: Guard | None = None
+    ) -> None:
         self.broker = broker
         self.groups = groups
+        self.guard = guard if guard is not None else open_guard(broker.now_ms)
+
+    def _check_write(self, topics: Iterable[str]) -> None:
+        """WRITE on each topic; CREATE too for one that produce would auto-create."""
+        known = None
+        for topic in set(topics):
+            self.guard.check(Operation.WRITE, ResourceType.TOPIC, topic)
+            if self.broker.config.auto_create_topics:
+                known = known if known is not None else dict(self.broker.list_topics())
+                if topic not in known:
+                    self.guard.check_create_topic(topic)
+
+    def _check_read(self, topics: Iterable[str]) -> None:
+        for topic in set(topics):
+            self.guard.check(Operation.READ, ResourceType.TOPIC, topic)
 
     def _produce(self, request: broker_pb2.ProduceRequest) -> list[ProduceResult]:
         """Append every entry; one result per appended (topic, partition), in request order.
@@ -103,6 +123,7 @@ class BrokerService:
                 )
             if not batch and not entry.records:
                 raise InvalidRequestError(f"entry for topic {topic!r} carries no records")
+        self._check_write(topic for topic, _p, _b, _e in entries)
         checked: list[list[BatchHeader] | None] = [None] * len(entries)
         if len(entries) > 1:
             # One entry is validated by its append before anything is written; with several,
@@ -156,7 +177,9 @@ class BrokerService:
         errors = [r.error for r in results if r.error is not None]
         if results and len(errors) == len(results):
             raise errors[0]  # every entry failed: the call fails with the first one's status
-        return self._answer(request, results)
+        response = self._answer(request, results)
+        response.throttle_time_ms = self.guard.throttle("produce", len(raw))
+        return response
 
     @guarded_stream
     def ProduceStream(
@@ -182,6 +205,7 @@ class BrokerService:
                     ]
                     or [broker_pb2.PartitionProduceResult(error=partition_error(e))],
                 )
+            response.throttle_time_ms = self.guard.throttle("produce", len(raw))
             if request.acks != broker_pb2.ACKS_NONE:
                 yield response
 
@@ -190,6 +214,8 @@ class BrokerService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> broker_pb2.InitProducerResponse:
         request = parse(broker_pb2.InitProducerRequest, raw, context)
+        if request.producer_name:  # a name can fence other producers
+            self.guard.check_cluster(Operation.WRITE)
         producer_id, epoch = self.broker.init_producer(request.producer_name)
         return broker_pb2.InitProducerResponse(producer_id=producer_id, producer_epoch=epoch)
 
@@ -198,8 +224,10 @@ class BrokerService:
         request = parse(broker_pb2.FetchRequest, raw, context)
         if not request.partitions:
             raise InvalidRequestError("fetch request names no partitions")
+        self._check_read(p.topic for p in request.partitions)
         heartbeat_now = False
         if request.HasField("member"):
+            self.guard.check(Operation.READ, ResourceType.GROUP, request.member.group_id)
             if self.groups is None:
                 raise InvalidRequestError("this server has no consumer groups")
             m = request.member
@@ -234,13 +262,16 @@ class BrokerService:
                 error=partition_error(r.error),
             )
             pieces += nest(FETCH_RESULTS_FIELD, encode_with_bytes(meta, BATCHES_FIELD, r.data))
-        if heartbeat_now:
-            pieces.append(broker_pb2.FetchResponse(heartbeat_now=True).SerializeToString())
+        throttle = self.guard.throttle("fetch", sum(len(r.data) for r in results))
+        if heartbeat_now or throttle:
+            tail = broker_pb2.FetchResponse(heartbeat_now=heartbeat_now, throttle_time_ms=throttle)
+            pieces.append(tail.SerializeToString())
         return b"".join(pieces)
 
     @guarded_stream
     def Subscribe(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         request = parse(broker_pb2.SubscribeRequest, raw, context)
+        self._check_read([request.topic])
         start = _start_spec(request.start)
         stop = request.WhichOneof("stop")
         chunks = self.broker.subscribe(
@@ -261,12 +292,15 @@ class BrokerService:
                 log_start_offset=chunk.log_start_offset,
             )
             yield b"".join(encode_with_bytes(meta, SUBSCRIBE_BATCHES_FIELD, chunk.data))
+            self.guard.throttle("fetch", len(chunk.data))  # holds the next chunk back
 
     @guarded
     def ListOffsets(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> broker_pb2.ListOffsetsResponse:
         request = parse(broker_pb2.ListOffsetsRequest, raw, context)
+        for topic in {q.topic for q in request.queries}:
+            self.guard.check(Operation.DESCRIBE, ResourceType.TOPIC, topic)
         queries: list[OffsetQuery] = []
         for q in request.queries:
             spec = q.WhichOneof("spec")
@@ -326,12 +360,14 @@ def _start_spec(start: broker_pb2.StartPosition) -> StartSpec:
 
 # ---------------------------------------------------------------------------- Admin
 class AdminService:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, guard: Guard | None = None) -> None:
         self.broker = broker
+        self.guard = guard if guard is not None else open_guard(broker.now_ms)
 
     @guarded
     def CreateTopic(self, raw: bytes, context: grpc.ServicerContext) -> admin_pb2.TopicDescription:
         request = parse(admin_pb2.CreateTopicRequest, raw, context)
+        self.guard.check_create_topic(request.name)
         info = self.broker.create_topic(request.name, request.partitions, dict(request.config))
         return _describe(info)
 
@@ -340,6 +376,7 @@ class AdminService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> admin_pb2.DeleteTopicResponse:
         request = parse(admin_pb2.DeleteTopicRequest, raw, context)
+        self.guard.check(Operation.DELETE, ResourceType.TOPIC, request.name)
         self.broker.delete_topic(request.name)
         return admin_pb2.DeleteTopicResponse()
 
@@ -350,6 +387,7 @@ class AdminService:
             topics=[
                 admin_pb2.ListTopicsResponse.Topic(name=name, partitions=count)
                 for name, count in self.broker.list_topics()
+                if self.guard.allowed(Operation.DESCRIBE, ResourceType.TOPIC, name)
             ]
         )
 
@@ -358,6 +396,7 @@ class AdminService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> admin_pb2.TopicDescription:
         request = parse(admin_pb2.DescribeTopicRequest, raw, context)
+        self.guard.check(Operation.DESCRIBE, ResourceType.TOPIC, request.name)
         return _describe(self.broker.describe_topic(request.name))
 
     @guarded
@@ -365,6 +404,7 @@ class AdminService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> admin_pb2.TopicDescription:
         request = parse(admin_pb2.AddPartitionsRequest, raw, context)
+        self.guard.check(Operation.ALTER, ResourceType.TOPIC, request.name)
         return _describe(self.broker.add_partitions(request.name, request.partitions))
 
 
@@ -392,11 +432,14 @@ def build_server(
     groups: GroupManager | None = None,
     share: ShareGroupManager | None = None,
     *,
+    guard: Guard | None = None,
     workers: int = WORKERS_DEFAULT,
     concurrent_rpcs: int = CONCURRENT_RPCS_MAX,
 ) -> grpc.Server:
-    """A grpc server with the Broker, Admin, (given their managers) Groups and Share
-    services, health and reflection (not started)."""
+    """A grpc server with the Broker, Admin, Security, (given their managers) Groups and
+    Share services, health and reflection (not started). Without a `guard` everyone may do
+    everything; a guard that authenticates puts its interceptor in front of every call."""
+    guard = guard if guard is not None else open_guard(broker.now_ms)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="riverlog-rpc"),
         maximum_concurrent_rpcs=concurrent_rpcs,
@@ -405,8 +448,9 @@ def build_server(
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
         ],
+        interceptors=[guard.interceptor()] if guard.authenticating else None,
     )
-    b = BrokerService(broker, groups)
+    b = BrokerService(broker, groups, guard)
     server.add_generic_rpc_handlers(
         (
             method_handlers(
@@ -423,7 +467,7 @@ def build_server(
             ),
             method_handlers(
                 ADMIN_SERVICE,
-                AdminService(broker),
+                AdminService(broker, guard),
                 {
                     "CreateTopic": ("unary", admin_pb2.TopicDescription),
                     "DeleteTopic": ("unary", admin_pb2.DeleteTopicResponse),
@@ -434,12 +478,13 @@ def build_server(
             ),
         )
     )
-    services = [BROKER_SERVICE, ADMIN_SERVICE]
+    server.add_generic_rpc_handlers((security_handlers(guard),))
+    services = [BROKER_SERVICE, ADMIN_SERVICE, SECURITY_SERVICE]
     if groups is not None:
-        server.add_generic_rpc_handlers((groups_handlers(groups),))
+        server.add_generic_rpc_handlers((groups_handlers(groups, guard),))
         services.append(GROUPS_SERVICE)
     if share is not None:
-        server.add_generic_rpc_handlers((share_handlers(share),))
+        server.add_generic_rpc_handlers((share_handlers(share, guard),))
         services.append(SHARE_SERVICE)
     health_servicer = health.HealthServicer()
     for name in ("", *services):

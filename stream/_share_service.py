@@ -11,6 +11,8 @@ from ._broker import InvalidRequestError
 from ._pb import share_pb2
 from ._rpc import encode_with_bytes, guarded, method_handlers, nest, parse
 from ._share import Ack, AckRefusal, ShareGroupInfo, ShareGroupManager, ShareSettings
+from .security._acl import Operation, ResourceType
+from .security._guard import Guard
 from .share._window import AckType
 
 SHARE_SERVICE = "riverlog.v1.Share"
@@ -79,14 +81,29 @@ def _refusals(refused: Iterable[AckRefusal]) -> list[share_pb2.AckRefusal]:
 
 
 class ShareService:
-    def __init__(self, share: ShareGroupManager) -> None:
+    def __init__(self, share: ShareGroupManager, guard: Guard) -> None:
         self.share = share
+        self.guard = guard
+
+    def _group(self, operation: Operation, group_id: str) -> None:
+        self.guard.check(operation, ResourceType.SHARE_GROUP, group_id)
+
+    def _dead_letter(self, changes: dict[str, Any]) -> None:
+        """The broker writes dead letters for the group: the caller must be allowed to."""
+        topic = changes.get("dead_letter_topic")
+        if topic:
+            self.guard.check(Operation.WRITE, ResourceType.TOPIC, topic)
 
     @guarded
     def ShareHeartbeat(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> share_pb2.ShareHeartbeatResponse:
         r = parse(share_pb2.ShareHeartbeatRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
+        for topic in set(r.topics):
+            self.guard.check(Operation.READ, ResourceType.TOPIC, topic)
+        if r.HasField("config") and not r.member_id:
+            self._dead_letter(_changes(r.config))
         member_id, interval, settings = self.share.heartbeat(
             r.group_id,
             r.member_id,
@@ -101,12 +118,14 @@ class ShareService:
     @guarded
     def ShareLeave(self, raw: bytes, context: grpc.ServicerContext) -> share_pb2.ShareLeaveResponse:
         r = parse(share_pb2.ShareLeaveRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
         self.share.leave(r.group_id, r.member_id)
         return share_pb2.ShareLeaveResponse()
 
     @guarded
     def ShareFetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         r = parse(share_pb2.ShareFetchRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
         result = self.share.fetch(
             r.group_id,
             r.member_id,
@@ -130,8 +149,11 @@ class ShareService:
                 ],
             )
             pieces += nest(PARTITIONS_FIELD, encode_with_bytes(meta, BATCHES_FIELD, p.data))
+        throttle = self.guard.throttle("fetch", sum(len(p.data) for p in result.partitions))
         tail = share_pb2.ShareFetchResponse(
-            refused=_refusals(result.refused), lock_deadline_ms=result.lock_deadline_ms
+            refused=_refusals(result.refused),
+            lock_deadline_ms=result.lock_deadline_ms,
+            throttle_time_ms=throttle,
         )
         pieces.append(tail.SerializeToString())
         return b"".join(pieces)
@@ -141,6 +163,7 @@ class ShareService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> share_pb2.ShareAcknowledgeResponse:
         r = parse(share_pb2.ShareAcknowledgeRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
         refused = self.share.acknowledge(r.group_id, r.member_id, _acks(r.acks))
         return share_pb2.ShareAcknowledgeResponse(refused=_refusals(refused))
 
@@ -153,6 +176,7 @@ class ShareService:
             groups=[
                 share_pb2.ListShareGroupsResponse.Group(group_id=g, members=n)
                 for g, n in self.share.list_groups()
+                if self.guard.allowed(Operation.DESCRIBE, ResourceType.SHARE_GROUP, g)
             ]
         )
 
@@ -161,6 +185,7 @@ class ShareService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> share_pb2.DescribeShareGroupResponse:
         r = parse(share_pb2.DescribeShareGroupRequest, raw, context)
+        self._group(Operation.DESCRIBE, r.group_id)
         return _describe(self.share.describe(r.group_id))
 
     @guarded
@@ -168,13 +193,18 @@ class ShareService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> share_pb2.ShareGroupConfig:
         r = parse(share_pb2.AlterShareGroupRequest, raw, context)
-        return config_pb(self.share.alter(r.group_id, _changes(r.config)))
+        self._group(Operation.ALTER, r.group_id)
+        changes = _changes(r.config)
+        self._dead_letter(changes)
+        return config_pb(self.share.alter(r.group_id, changes))
 
     @guarded
     def ResetShareGroupOffsets(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> share_pb2.ResetShareGroupOffsetsResponse:
         r = parse(share_pb2.ResetShareGroupOffsetsRequest, raw, context)
+        self._group(Operation.READ, r.group_id)
+        self.guard.check(Operation.READ, ResourceType.TOPIC, r.topic)
         kind = r.WhichOneof("to")
         spec: tuple[Literal["earliest", "latest", "timestamp", "offset"], int]
         if kind == "earliest":
@@ -202,6 +232,7 @@ class ShareService:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> share_pb2.DeleteShareGroupResponse:
         r = parse(share_pb2.DeleteShareGroupRequest, raw, context)
+        self._group(Operation.DELETE, r.group_id)
         self.share.delete_group(r.group_id)
         return share_pb2.DeleteShareGroupResponse()
 
@@ -234,7 +265,7 @@ def _describe(info: ShareGroupInfo) -> share_pb2.DescribeShareGroupResponse:
     return out
 
 
-def share_handlers(share: ShareGroupManager) -> grpc.GenericRpcHandler:
+def share_handlers(share: ShareGroupManager, guard: Guard) -> grpc.GenericRpcHandler:
     kinds: dict[str, tuple[str, Any]] = {
         "ShareHeartbeat": ("unary", share_pb2.ShareHeartbeatResponse),
         "ShareLeave": ("unary", share_pb2.ShareLeaveResponse),
@@ -246,4 +277,4 @@ def share_handlers(share: ShareGroupManager) -> grpc.GenericRpcHandler:
         "ResetShareGroupOffsets": ("unary", share_pb2.ResetShareGroupOffsetsResponse),
         "DeleteShareGroup": ("unary", share_pb2.DeleteShareGroupResponse),
     }
-    return method_handlers(SHARE_SERVICE, ShareService(share), kinds)
+    return method_handlers(SHARE_SERVICE, ShareService(share, guard), kinds)

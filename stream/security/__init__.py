@@ -1,0 +1,1 @@
+"""The broker's security core: bearer tokens, Kafka-style ACLs and per-principal quotas."""
