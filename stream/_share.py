@@ -102,6 +102,11 @@ SESSION_TIMEOUT_MS_MAX = 300_000
 HEARTBEAT_INTERVAL_MS_MAX = 5_000
 # A share-partition's deltas between snapshots (the store keeps them until the next one).
 DELTAS_PER_SNAPSHOT = 32
+# State entries queued before a request that only acquires waits for the writer.
+PENDING_MAX = 10_000
+# One store write (one batch, crash-atomic) holds at most this much.
+WRITE_CHUNK_BYTES = 4 * 1024 * 1024
+WRITE_CHUNK_ENTRIES = 1_000
 # Bytes read per step while looking for deliver-at headers.
 SCAN_READ_BYTES = 1024 * 1024
 # A waiting fetch re-checks its member and the clock at least this often.
@@ -296,6 +301,16 @@ class ShareGroupManager:
         # Reentrant: a topic created while it is held (dead-letter topic) calls back into
         # _on_topic_change on the same thread.
         self._lock = threading.RLock()
+        # State entries taken under _lock, in order, waiting to be written by _sync; _seq
+        # counts entries ever queued, _durable_seq those on stable storage. Lock order:
+        # _write_lock, then _lock, then the store's own lock; _sync never runs under _lock.
+        self._write_lock = threading.Lock()
+        self._pending: list[StateEntry] = []
+        self._seq = 0
+        self._written_seq = 0
+        self._durable_seq = 0
+        # Deltas written per share-partition since its last snapshot.
+        self._deltas: dict[tuple[str, str, int], int] = {}
         self._groups: dict[str, _Group] = {}
         self._member_ids = 0
         self._load()
@@ -334,6 +349,7 @@ class ShareGroupManager:
                         f"be read ({e})"
                     ) from None
                 group.windows[(topic, partition)] = window
+                self._deltas[(group_id, topic, partition)] = len(records.deltas)
                 group.topics.add(topic)
                 self._follow_log_start(topic, partition, window)
                 window.set_deliver_at(
@@ -402,7 +418,9 @@ class ShareGroupManager:
             _check_not_dead_letter(group.settings, member.topics)
             self._init_partitions(group, member.topics, now_ms)
             interval = min(HEARTBEAT_INTERVAL_MS_MAX, session_ms // 3)
-            return member_id, interval, group.settings
+            settings, seq = group.settings, self._seq
+        self._sync(durable=True, upto=seq)  # new share-partitions: their start is durable
+        return member_id, interval, settings
 
     def leave(self, group_id: str, member_id: str) -> None:
         """The member leaves; the records it holds are given back (each counts as a delivery)."""
@@ -413,7 +431,8 @@ class ShareGroupManager:
             if group is None or member is None:
                 raise UnknownMemberError(f"member {member_id!r} is not in share group {group_id!r}")
             self._remove_member(group, member, now_ms)
-        self._store.flush(now_ms)
+            seq = self._seq
+        self._sync(durable=True, upto=seq)
 
     def _remove_member(self, group: _Group, member: _Member, now_ms: int) -> None:
         del group.members[member.member_id]
@@ -438,8 +457,8 @@ class ShareGroupManager:
                         self._remove_member(group, member, now_ms)
                         removed.append((group.group_id, member.member_id))
                 self._expire_locks(group, group.windows.keys(), now_ms)
-        if removed:
-            self._store.flush(now_ms)
+            seq = self._seq
+        self._sync(durable=bool(removed), upto=seq)
         return removed
 
     def _expire_locks(self, group: _Group, tps: Iterable[TP], now_ms: int) -> None:
@@ -494,6 +513,7 @@ class ShareGroupManager:
                 due = [d for d in (group.windows[tp].next_due_ms() for tp in tps) if d is not None]
             try:
                 if taken:
+                    self._sync(durable=False, block=False)  # delivery counts: written behind
                     lock_deadline = now_ms + group.settings.lock_ms
                     break
                 remaining = deadline - time.monotonic()
@@ -645,7 +665,6 @@ class ShareGroupManager:
             assert group is not None
             member.last_seen_ms = now_ms
             touched: list[TP] = []
-            released = False
             for a in acks:
                 tp = (a.topic, a.partition)
                 window = group.windows.get(tp)
@@ -666,11 +685,11 @@ class ShareGroupManager:
                 refused += [_refusal(tp, r) for r in outcome.refused]
                 self._settle(group, tp, outcome.archived, now_ms)
                 touched.append(tp)
-                released = released or a.kind == AckType.RELEASE
             self._persist(group, touched, now_ms)
-            if released:
-                group.wake()
-        self._store.flush(now_ms)
+            if touched:
+                group.wake()  # released records, or room in a window that moved on
+            seq = self._seq
+        self._sync(durable=True, upto=seq)
         return refused
 
     def _settle(self, group: _Group, tp: TP, archived: list[Archived], now_ms: int) -> None:
@@ -733,28 +752,68 @@ class ShareGroupManager:
 
     # ------------------------------------------------------------------ persistence
     def _persist(self, group: _Group, tps: Iterable[TP], now_ms: int) -> None:
-        """Write the windows' changes to the state log (not fsynced here)."""
-        entries: list[StateEntry] = []
+        """Queue the windows' changes for the state log (under _lock; _sync writes them)."""
+        del now_ms
         for tp in tps:
             window = group.windows.get(tp)
             if window is None:
                 continue
-            if self._store.deltas_count(group.group_id, *tp) >= DELTAS_PER_SNAPSHOT:
-                entries.append(
-                    StateEntry(group.group_id, tp[0], tp[1], StateKind.SNAPSHOT, window.snapshot())
-                )
+            key = (group.group_id, *tp)
+            if self._deltas.get(key, 0) >= DELTAS_PER_SNAPSHOT:
+                self._queue_snapshot(group.group_id, tp, window)
                 continue
             delta = window.take_delta()
             if delta is not None:
-                entries.append(StateEntry(group.group_id, tp[0], tp[1], StateKind.DELTA, delta))
-        if entries:
-            self._store.write(entries, durable=False, now_ms=now_ms)
+                self._pending.append(StateEntry(*key, StateKind.DELTA, delta))
+                self._deltas[key] = self._deltas.get(key, 0) + 1
+                self._seq += 1
+
+    def _queue_snapshot(self, group_id: str, tp: TP, window: ShareWindow) -> None:
+        self._pending.append(StateEntry(group_id, *tp, StateKind.SNAPSHOT, window.snapshot()))
+        self._deltas[(group_id, *tp)] = 0
+        self._seq += 1
+
+    def _sync(self, *, durable: bool, upto: int | None = None, block: bool = True) -> None:
+        """Write the queued entries in order (one store batch per WRITE_CHUNK_BYTES), then
+        fsync if `durable`, unless entries up to `upto` are already as far.
+
+        Never called under _lock: a request waiting here for another's fsync holds no lock
+        the others need, and whoever writes next takes every entry queued meanwhile, so
+        concurrent requests share one fsync (group commit). `block` False: give up at once
+        when another request is writing (it, or the next one, takes these entries too),
+        unless the queue is long (PENDING_MAX)."""
+        if not self._write_lock.acquire(blocking=block or len(self._pending) >= PENDING_MAX):
+            return
+        try:
+            with self._lock:
+                target = self._seq if upto is None else upto
+                if self._written_seq >= target and (not durable or self._durable_seq >= target):
+                    return
+                batch, self._pending = self._pending, []
+                queued = self._seq
+            now_ms = self._clock_ms()
+            chunk: list[StateEntry] = []
+            size = 0
+            for entry in batch:
+                chunk.append(entry)
+                size += len(entry.value) + 64
+                if size >= WRITE_CHUNK_BYTES or len(chunk) >= WRITE_CHUNK_ENTRIES:
+                    self._store.write(chunk, durable=False, now_ms=now_ms)
+                    chunk, size = [], 0
+            if chunk:
+                self._store.write(chunk, durable=False, now_ms=now_ms)
+            self._written_seq = queued
+            if durable:
+                self._store.flush(now_ms)
+                self._durable_seq = queued
+        finally:
+            self._write_lock.release()
 
     # ------------------------------------------------------------------ partitions
     def _init_partitions(self, group: _Group, topics: Iterable[str], now_ms: int) -> None:
         """Create the share-partitions of `topics` the group does not have yet."""
+        del now_ms
         counts = dict(self._broker.list_topics())
-        entries: list[StateEntry] = []
         for topic in sorted(topics):
             count = counts.get(topic, 0)
             if count == 0:
@@ -767,27 +826,35 @@ class ShareGroupManager:
                 start = log_end if group.settings.start == "latest" and not known else log_start
                 window = ShareWindow(start, group.settings.window(self._max_in_flight))
                 group.windows[(topic, p)] = window
-                entries.append(
-                    StateEntry(group.group_id, topic, p, StateKind.SNAPSHOT, window.snapshot())
-                )
+                self._queue_snapshot(group.group_id, (topic, p), window)
             group.topics.add(topic)
-        if entries:
-            self._store.write(entries, durable=True, now_ms=now_ms)
 
     def _on_topic_change(self, event: str, topic: str) -> None:
         now_ms = self._clock_ms()
+        if event == "deleted":
+            # Queued entries first, then the tombstones: nothing queued before the delete
+            # may bring the state back.
+            self._sync(durable=False)
+            with self._write_lock, self._lock:
+                self._drop_pending(lambda e: e.topic == topic)
+                for group in self._groups.values():
+                    for tp in [tp for tp in group.windows if tp[0] == topic]:
+                        del group.windows[tp]
+                        self._deltas.pop((group.group_id, *tp), None)
+                    group.topics.discard(topic)
+                    group.wake()
+                self._store.delete_topic(topic, now_ms)
+            return
         with self._lock:
             for group in self._groups.values():
-                if event == "deleted":
-                    doomed = [tp for tp in group.windows if tp[0] == topic]
-                    for tp in doomed:
-                        del group.windows[tp]
-                    group.topics.discard(topic)
-                elif any(topic in m.topics for m in group.members.values()):
+                if any(topic in m.topics for m in group.members.values()):
                     self._init_partitions(group, [topic], now_ms)
                 group.wake()
-            if event == "deleted":
-                self._store.delete_topic(topic, now_ms)
+        self._sync(durable=True)
+
+    def _drop_pending(self, doomed: Callable[[StateEntry], bool]) -> None:
+        """Forget queued entries of state about to be deleted (under _write_lock and _lock)."""
+        self._pending = [e for e in self._pending if not doomed(e)]
 
     def _check_topics(self, topics: Sequence[str]) -> frozenset[str]:
         if not topics:
@@ -892,7 +959,6 @@ class ShareGroupManager:
         *,
         dry_run: bool,
     ) -> list[ShareOffsetChange]:
-        now_ms = self._clock_ms()
         count = self._broker.partition_count(topic)
         chosen = list(partitions) or list(range(count))
         for p in chosen:
@@ -922,7 +988,6 @@ class ShareGroupManager:
                 previous = None if window is None else window.start_offset
                 changes.append(ShareOffsetChange(p, previous, min(max(new, log_start), log_end)))
             if not dry_run:
-                entries: list[StateEntry] = []
                 for c in changes:
                     window = group.windows.get((topic, c.partition))
                     if window is None:
@@ -930,26 +995,28 @@ class ShareGroupManager:
                         group.windows[(topic, c.partition)] = window
                     else:
                         window.reset(c.new)
-                    entries.append(
-                        StateEntry(
-                            group_id, topic, c.partition, StateKind.SNAPSHOT, window.snapshot()
-                        )
-                    )
+                    self._queue_snapshot(group_id, (topic, c.partition), window)
                 group.topics.add(topic)
-                self._store.write(entries, durable=True, now_ms=now_ms)
-            return changes
+            seq = self._seq
+        if not dry_run:
+            self._sync(durable=True, upto=seq)
+        return changes
 
     def delete_group(self, group_id: str) -> None:
         now_ms = self._clock_ms()
-        with self._lock:
+        self._sync(durable=False)  # queued entries first, then the tombstone
+        with self._write_lock, self._lock:
             group = self._group(group_id)
             if group.members:
                 raise GroupNotEmptyError(
                     f"share group {group_id!r} has members; stop them (or wait for their "
                     "sessions to expire) first"
                 )
+            self._drop_pending(lambda e: e.group == group_id)
             self._store.delete_group(group_id, now_ms)
             del self._groups[group_id]
+            for key in [k for k in self._deltas if k[0] == group_id]:
+                del self._deltas[key]
 
 
 def _check_not_dead_letter(settings: ShareSettings, topics: Iterable[str]) -> None:
