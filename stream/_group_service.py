@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -48,6 +49,14 @@ class GroupsService:
     def _group(self, operation: Operation, group_id: str) -> None:
         self.guard.check(operation, ResourceType.GROUP, group_id)
 
+    def _reader(self, principal: str) -> Callable[[str], bool]:
+        authorizer = self.guard.authorizer
+
+        def readable(topic: str) -> bool:
+            return authorizer.authorize(principal, Operation.READ, ResourceType.TOPIC, topic)
+
+        return readable
+
     def _read_topics(self, topics: Iterable[str]) -> None:
         for topic in set(topics):
             self.guard.check(Operation.READ, ResourceType.TOPIC, topic)
@@ -56,14 +65,20 @@ class GroupsService:
     def Heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> groups_pb2.HeartbeatResponse:
         r = parse(groups_pb2.HeartbeatRequest, raw, context)
         self._group(Operation.READ, r.group_id)
+        subscription = None
         if r.HasField("subscription"):
-            # A pattern is not checked here: each fetch checks READ on what it reads.
             self._read_topics(r.subscription.topics)
+            subscription = _subscription(r.subscription)
+            if subscription.pattern is not None and self.guard.authorizer.enabled:
+                # A pattern matches only topics this principal may READ (as Kafka's).
+                subscription = dataclasses.replace(
+                    subscription, readable=self._reader(self.guard.principal())
+                )
         result = self.groups.heartbeat(
             r.group_id,
             r.member_id,
             r.member_epoch,
-            subscription=_subscription(r.subscription) if r.HasField("subscription") else None,
+            subscription=subscription,
             owned=_partitions(r.owned.topics) if r.HasField("owned") else None,
             instance_id=r.instance_id if r.HasField("instance_id") else None,
             session_timeout_ms=r.session_timeout_ms or 45_000,

@@ -96,12 +96,19 @@ class GroupNotEmptyError(GroupError):
 class Subscription:
     topics: frozenset[str] = frozenset()
     pattern: str | None = None
+    # With ACLs: which topics the member's principal may READ. A pattern matches only those
+    # (it must not reveal, or assign, a topic the member may not see). Not part of equality:
+    # the same subscription from the same member is not a change.
+    readable: Callable[[str], bool] | None = field(default=None, compare=False)
 
     def resolve(self, topics: Iterable[str]) -> frozenset[str]:
         if self.pattern is None:
             return self.topics
         compiled = compile_pattern(self.pattern)  # RE2: linear in each name, cached
-        return frozenset(t for t in topics if compiled.fullmatch(t))
+        readable = self.readable
+        return frozenset(
+            t for t in topics if compiled.fullmatch(t) and (readable is None or readable(t))
+        )
 
 
 @dataclass(slots=True)
