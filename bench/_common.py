@@ -181,8 +181,14 @@ def broker_command(data_dir: str) -> Callable[[str], list[str]]:
     return command
 
 
-def start_child(name: str, command: Callable[[str], list[str]], log_dir: str) -> Child:
-    """Start a server child on a free loopback port and wait until it accepts connections.
+def start_child(
+    name: str,
+    command: Callable[[str], list[str]],
+    log_dir: str,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Child:
+    """Start a server child on a free loopback port and wait until it accepts connections
+    (over TLS with `credentials`, when the child serves TLS).
 
     `command(address)` is its command line; its output goes to `log_dir`/`name`-attempt.log.
     A child that exits saying CANNOT_LISTEN lost its port to another process and is started
@@ -199,7 +205,7 @@ def start_child(name: str, command: Callable[[str], list[str]], log_dir: str) ->
                 stderr=subprocess.STDOUT,
             )
         child = Child(name, proc, address, log_path)
-        if wait_ready(child, START_TIMEOUT_S):
+        if wait_ready(child, START_TIMEOUT_S, credentials):
             return child
         stop_child(child)
         text = Path(log_path).read_text(errors="replace")
@@ -210,9 +216,16 @@ def start_child(name: str, command: Callable[[str], list[str]], log_dir: str) ->
     raise RuntimeError(f"{name}: no free port after {START_ATTEMPTS_MAX} attempts")
 
 
-def wait_ready(child: Child, timeout_s: float) -> bool:
-    """True once the child accepts gRPC connections; False if it exits or `timeout_s` passes."""
-    with grpc.insecure_channel(child.address) as channel:
+def wait_ready(
+    child: Child, timeout_s: float, credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    """True once the child accepts gRPC connections (a TLS handshake with `credentials`);
+    False if it exits or `timeout_s` passes."""
+    with (
+        grpc.insecure_channel(child.address)
+        if credentials is None
+        else grpc.secure_channel(child.address, credentials)
+    ) as channel:
         ready = grpc.channel_ready_future(channel)
         for _ in range(int(timeout_s / READY_POLL_S) + 1):
             if child.proc.poll() is not None:

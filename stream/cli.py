@@ -20,10 +20,32 @@ produce and consume.
     riverlog consume TOPIC [--from-beginning | --offset N | --timestamp TIME] [--partition P]
         [--group G] [--max-messages N] [--timeout-ms MS] [--format text|json|raw]
 
+    riverlog certs DIR [--days N] [--host NAME ...] [--client NAME ...] [--force]
+    riverlog tokens add PRINCIPAL | remove PRINCIPAL | list    --tokens-file FILE
+    riverlog whoami
+    riverlog acls add --principal P --resource-type T [--name N] [--prefixed]
+        --operation O [--operation O ...] [--deny]
+    riverlog acls list [FILTERS] | remove (FILTERS | --all)
+        FILTERS: [--principal P] [--resource-type T] [--pattern-type literal|prefixed]
+                 [--name N] [--operation O] [--permission allow|deny]
+    riverlog quotas list
+    riverlog quotas set (PRINCIPAL | --default) ([--produce-bytes-per-s N]
+        [--fetch-bytes-per-s N] | --unlimited)
+    riverlog quotas remove (PRINCIPAL | --default)
+
 Every client command takes `--server HOST:PORT` (default: $RIVERLOG_SERVER, else
-127.0.0.1:7171); topics, groups, share-groups and produce take `--json` for machine-readable
-output (one JSON document on stdout) instead of aligned tables. TIME is an integer (ms since
-the Unix epoch) or ISO 8601 (`2024-05-01T12:00:00Z`; without a UTC offset it is local time).
+127.0.0.1:7171) and the connection's credentials: `--token-file FILE` (its first line is a
+bearer token; default: the token in $RIVERLOG_TOKEN), `--tls-ca FILE` (the CA that signed the
+broker's certificate), `--tls-cert FILE` and `--tls-key FILE` (a client certificate, for
+mutual TLS), or `--tls` alone (TLS verified by the system's root CAs); the TLS options default
+to $RIVERLOG_TLS_CA, $RIVERLOG_TLS_CERT and $RIVERLOG_TLS_KEY. A token is never printed, nor
+put in an error message. topics, groups, share-groups, produce, whoami, acls and quotas take
+`--json` for machine-readable output (one JSON document on stdout) instead of aligned tables.
+TIME is an integer (ms since the Unix epoch) or ISO 8601 (`2024-05-01T12:00:00Z`; without a
+UTC offset it is local time).
+
+`tokens` edits a token file directly, without a broker; a running broker reads it again on
+SIGHUP. `certs` makes a throwaway development CA and certificates (stream/_certs.py).
 
 `consume` follows the topic until it has printed --max-messages records, until --timeout-ms
 passed without a new record, or until Ctrl-C, like `tail -f` (there is no idle time-out by
@@ -61,7 +83,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from storage import (
     Compression,
@@ -74,9 +96,13 @@ from storage import (
 )
 
 from .client._admin import (
+    OPERATIONS,
+    RESOURCE_TYPES,
+    AclEntry,
     Admin,
     GroupDescription,
     OffsetChange,
+    Quota,
     ShareGroupConfig,
     ShareGroupDescription,
     TopicInfo,
@@ -87,9 +113,11 @@ from .client._base import (
     Record,
     RecordMetadata,
     RiverlogError,
+    TlsOptions,
     TopicPartition,
     default_server,
 )
+from .security._tokens import redact
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -154,6 +182,20 @@ def _demo(args: argparse.Namespace) -> int:
         log.close()
 
 
+def _serve_security_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The [broker] settings of the serve flags of the "security" group (None: not given)."""
+    return {
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
+        "tokens_file": args.tokens_file,
+        "super_users": args.super_users,
+        "acls_enabled": True if args.acls else None,
+        "acls_bootstrap_file": args.acls_file,
+        "insecure": True if args.insecure else None,
+    }
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ._serve import RunningBroker, load_config, tune_allocator  # the broker: serve only
 
@@ -167,22 +209,40 @@ def _serve(args: argparse.Namespace) -> int:
             "listen": args.listen,
             "auto_create_topics": True if args.auto_create_topics else None,
             "workers": args.workers,
+            **_serve_security_overrides(args),
         },
         {field: getattr(args, field) for _flag, field in _LOG_FLAGS},
     )
     tune_allocator()
     running = RunningBroker(config)
+    log = logging.getLogger("riverlog.serve")
     stop = threading.Event()
+    reload_wanted = threading.Event()
+    wake = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("riverlog.serve").info("%s: shutting down", signal.Signals(signum).name)
+        log.info("%s: shutting down", signal.Signals(signum).name)
         stop.set()
+        wake.set()
+
+    def on_hangup(_signum: int, _frame: object) -> None:
+        reload_wanted.set()  # the reload runs below, not in the handler
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGHUP"):  # POSIX
+        signal.signal(signal.SIGHUP, on_hangup)
     running.start()
-    while not stop.wait(1.0):
-        pass
+    while not stop.is_set():
+        wake.wait(1.0)
+        wake.clear()
+        if reload_wanted.is_set() and not stop.is_set():
+            reload_wanted.clear()
+            try:
+                running.reload()  # the tokens file (`riverlog tokens` changed it)
+            except StorageError as e:
+                log.error("SIGHUP: reload failed; the previous settings stay in use: %s", e)
     running.stop()
     return 0
 
@@ -360,6 +420,70 @@ class _Progress:
             self._progress = None
 
 
+# ---------------------------------------------------------------------------- client: connection
+TOKEN_ENV = "RIVERLOG_TOKEN"
+# The environment variables the TLS options default to, by option destination.
+TLS_ENV = {
+    "tls_ca": "RIVERLOG_TLS_CA",
+    "tls_cert": "RIVERLOG_TLS_CERT",
+    "tls_key": "RIVERLOG_TLS_KEY",
+}
+# A token file is one short line; more than this is not a token file.
+TOKEN_FILE_BYTES_MAX = 64 * 1024
+
+
+class UsageError(Exception):
+    """Options that do not go together (exit 2), found after argparse."""
+
+
+class _Connection(NamedTuple):
+    server: str
+    token: str | None
+    tls: TlsOptions | None
+
+
+def _read_token_file(path: str) -> str:
+    """The first line of the token file at `path`, without surrounding white space."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(TOKEN_FILE_BYTES_MAX + 1)
+    except OSError as e:
+        raise RiverlogError(f"cannot read the token file {path}: {e.strerror}") from None
+    if len(data) > TOKEN_FILE_BYTES_MAX:
+        raise RiverlogError(f"the token file {path} is larger than {TOKEN_FILE_BYTES_MAX} bytes")
+    first = data.split(b"\n", 1)[0].strip()
+    if not first:
+        raise RiverlogError(f"the token file {path} holds no token on its first line")
+    try:
+        return first.decode("ascii")
+    except UnicodeDecodeError:
+        raise RiverlogError(f"the token file {path}: the token is not ASCII") from None
+
+
+def _connection(args: argparse.Namespace) -> _Connection:
+    """The server, token and TLS settings of a client command: its options, else the
+    environment ($RIVERLOG_SERVER, $RIVERLOG_TOKEN, $RIVERLOG_TLS_*)."""
+    if args.token_file is not None:
+        token: str | None = _read_token_file(args.token_file)
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip() or None
+    paths = {
+        dest: getattr(args, dest) or os.environ.get(env) or None for dest, env in TLS_ENV.items()
+    }
+    tls = None
+    if args.tls or any(paths.values()):
+        if paths["tls_cert"] is not None and paths["tls_key"] is None:
+            raise UsageError(f"--tls-cert needs --tls-key too (or ${TLS_ENV['tls_key']})")
+        if paths["tls_key"] is not None and paths["tls_cert"] is None:
+            raise UsageError(f"--tls-key needs --tls-cert too (or ${TLS_ENV['tls_cert']})")
+        tls = TlsOptions(paths["tls_ca"], paths["tls_cert"], paths["tls_key"])
+    return _Connection(default_server(args.server), token, tls)
+
+
+def _admin(connection: _Connection) -> Admin:
+    return Admin(connection.server, token=connection.token, tls=connection.tls)
+
+
 # ---------------------------------------------------------------------------- client: topics
 def _print_topic(info: TopicInfo) -> None:
     config = ", ".join(f"{k}={v}" for k, v in sorted(info.config.items())) or "(broker defaults)"
@@ -380,7 +504,7 @@ def _print_topic(info: TopicInfo) -> None:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    with Admin(default_server(args.server)) as admin:
+    with _admin(_connection(args)) as admin:
         command = args.topics_command
         if command == "create":
             info = admin.create_topic(args.name, args.partitions, dict(args.config))
@@ -471,7 +595,7 @@ def _print_group(d: GroupDescription) -> None:
 
 
 def _groups(args: argparse.Namespace) -> int:
-    with Admin(default_server(args.server)) as admin:
+    with _admin(_connection(args)) as admin:
         command = args.groups_command
         if command == "list":
             groups = admin.list_groups()
@@ -633,7 +757,7 @@ def _share_groups(args: argparse.Namespace) -> int:
                 "nothing to alter: give at least one of "
                 + ", ".join(flag for flag, _key in _SHARE_SETTINGS)
             )
-    with Admin(default_server(args.server)) as admin:
+    with _admin(_connection(args)) as admin:
         if command == "list":
             groups = admin.list_share_groups()
             if args.json:
@@ -708,7 +832,14 @@ def _produce(args: argparse.Namespace) -> int:
         pending = still
 
     compression = None if args.compression == "none" else args.compression
-    with Producer(default_server(args.server), acks=args.acks, compression=compression) as producer:
+    connection = _connection(args)
+    with Producer(
+        connection.server,
+        acks=args.acks,
+        compression=compression,
+        token=connection.token,
+        tls=connection.tls,
+    ) as producer:
         try:
             for number, raw in enumerate(sys.stdin.buffer, start=1):
                 line = raw[:-1] if raw.endswith(b"\n") else raw
@@ -795,10 +926,10 @@ def _consume(args: argparse.Namespace) -> int:
         )
     from stream.client._consumer import Consumer
 
-    server = default_server(args.server)
+    connection = _connection(args)
     chosen: list[TopicPartition] = []
     if args.group is None:
-        with Admin(server) as admin:
+        with _admin(connection) as admin:
             count = len(admin.describe_topic(args.topic).partitions)
         if args.partition is not None and not 0 <= args.partition < count:
             print(
@@ -810,7 +941,9 @@ def _consume(args: argparse.Namespace) -> int:
         wanted = range(count) if args.partition is None else [args.partition]
         chosen = [TopicPartition(args.topic, p) for p in wanted]
     consumer = Consumer(
-        server,
+        connection.server,
+        token=connection.token,
+        tls=connection.tls,
         group=args.group,
         topics=(args.topic,) if args.group is not None else (),
         auto_offset_reset="earliest" if args.from_beginning else "latest",
@@ -897,6 +1030,247 @@ class _ConsumeRun:
             progress.close()
 
 
+# ---------------------------------------------------------------------------- security: files
+def _certs(args: argparse.Namespace) -> int:
+    from ._certs import CLIENT_DEFAULT, write_dev_certs
+
+    clients = tuple(args.client or (CLIENT_DEFAULT,))
+    written = write_dev_certs(
+        args.dir,
+        datetime.now(UTC),
+        days=args.days,
+        hosts=tuple(args.host or ()),
+        clients=clients,
+        force=args.force,
+    )
+    for path in written:
+        kind = "key, mode 0600" if path.name.endswith("-key.pem") else "certificate"
+        print(f"wrote {path} ({kind})")
+    d = Path(args.dir)
+    client = clients[0]
+    print()
+    print("a development CA: keep ca-key.pem private, and use these for testing only")
+    print("broker, TLS with client certificates required (mutual TLS):")
+    print(
+        f"  riverlog serve --tls-cert {d / 'server.pem'} --tls-key {d / 'server-key.pem'} "
+        f"--tls-client-ca {d / 'ca.pem'}"
+    )
+    print("  (without --tls-client-ca: TLS only; clients then need a token or nothing)")
+    print(f"client {client!r} (the broker sees the principal 'CN={client}'):")
+    print(
+        f"  riverlog whoami --tls-ca {d / 'ca.pem'} --tls-cert {d / f'{client}.pem'} "
+        f"--tls-key {d / f'{client}-key.pem'}"
+    )
+    return 0
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    try:
+        return _edit_tokens(args)
+    except OSError as e:  # reading errors are SecurityFileError; these come from writing
+        print(
+            f"riverlog: cannot write the token file {args.tokens_file}: {e.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _edit_tokens(args: argparse.Namespace) -> int:
+    from .security._tokens import TokenStore
+
+    store = TokenStore(args.tokens_file, lambda: time.time_ns() // 1_000_000)
+    problem = store.file_mode_problem()
+    if problem is not None:
+        print(f"riverlog: warning: {problem}", file=sys.stderr)
+    command = args.tokens_command
+    if command == "add":
+        replaced = args.principal in store.principals()
+        token = store.add(args.principal)
+        if args.json:
+            _print_json({"principal": args.principal, "token": token})
+        else:
+            print(token)
+        print(
+            f"riverlog: {'replaced the' if replaced else 'added a'} token of "
+            f"{args.principal!r} in {args.tokens_file}; it is shown only this once. A running "
+            "broker uses it after SIGHUP (kill -HUP <pid>).",
+            file=sys.stderr,
+        )
+    elif command == "remove":
+        if not store.remove(args.principal):
+            print(
+                f"riverlog: principal {args.principal!r} has no token in {args.tokens_file}",
+                file=sys.stderr,
+            )
+            return 1
+        if args.json:
+            _print_json({"removed": args.principal})
+        else:
+            print(
+                f"removed the token of {args.principal!r}; a running broker refuses it after SIGHUP"
+            )
+    elif command == "list":
+        rows = [(p, store.created_ms(p)) for p in store.principals()]
+        if args.json:
+            _print_json([{"principal": p, "created_ms": ms} for p, ms in rows])
+        else:
+            print(
+                _table(
+                    ["PRINCIPAL", "CREATED"],
+                    [[p, None if ms is None else _time_text(ms)] for p, ms in rows],
+                )
+            )
+    else:  # pragma: no cover - argparse allows only the commands above
+        raise AssertionError(command)
+    return 0
+
+
+# ---------------------------------------------------------------------------- security: broker
+# The filter options of `acls list` and `acls remove`, as list_acls / delete_acls keywords.
+_ACL_FILTERS = ("principal", "resource_type", "pattern_type", "name", "operation", "permission")
+_ACL_HEADERS = ["PRINCIPAL", "RESOURCE_TYPE", "PATTERN", "NAME", "OPERATION", "PERMISSION"]
+
+
+def _acl_rows(entries: Iterable[AclEntry]) -> list[list[str]]:
+    return [
+        [e.principal, e.resource_type, e.pattern_type, e.name, e.operation, e.permission]
+        for e in entries
+    ]
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    with _admin(_connection(args)) as admin:
+        me = admin.whoami()
+    if args.json:
+        _print_json(me)
+    else:
+        print(f"principal   {me.principal}")
+        print(f"super user  {'yes' if me.super_user else 'no'}")
+        print(f"ACLs        {'enforced' if me.acls_enabled else 'not enforced'}")
+    return 0
+
+
+def _acls(args: argparse.Namespace) -> int:
+    command = args.acls_command
+    if command == "add":
+        name = args.name
+        if name is None:
+            if args.resource_type != "cluster":
+                raise UsageError(f"--name is required for resource type {args.resource_type!r}")
+            name = "cluster"
+        entries = [
+            AclEntry(
+                principal=args.principal,
+                resource_type=args.resource_type,
+                pattern_type="prefixed" if args.prefixed else "literal",
+                name=name,
+                operation=operation,
+                permission="deny" if args.deny else "allow",
+            )
+            for operation in dict.fromkeys(args.operation)
+        ]
+        with _admin(_connection(args)) as admin:
+            created = admin.create_acls(entries)
+        if args.json:
+            _print_json({"created": created, "acls": entries})
+        else:
+            print(
+                f"created {created} ACL(s)"
+                + (f"; {len(entries) - created} existed already" if created < len(entries) else "")
+            )
+        return 0
+    filters = {key: getattr(args, key) for key in _ACL_FILTERS}
+    with _admin(_connection(args)) as admin:
+        if command == "list":
+            entries = admin.list_acls(**filters)
+            if args.json:
+                _print_json(entries)
+            else:
+                print(_table(_ACL_HEADERS, _acl_rows(entries)))
+        elif command == "remove":
+            if all(value is None for value in filters.values()) and not args.all:
+                raise UsageError(
+                    "acls remove without a filter would remove every ACL: give a filter "
+                    "(--principal, --resource-type, --name, ...) or --all"
+                )
+            deleted = admin.delete_acls(**filters, everything=args.all)
+            if args.json:
+                _print_json({"deleted": deleted})
+            else:
+                if deleted:
+                    print(_table(_ACL_HEADERS, _acl_rows(deleted)))
+                print(f"removed {len(deleted)} ACL(s)")
+        else:  # pragma: no cover - argparse allows only the commands above
+            raise AssertionError(command)
+    return 0
+
+
+def _quota_principal(args: argparse.Namespace) -> str:
+    """PRINCIPAL, or "" for --default (exactly one of them)."""
+    if args.default and args.principal:
+        raise UsageError("give a PRINCIPAL or --default, not both")
+    if not args.default and args.principal is None:
+        raise UsageError('give a PRINCIPAL, or --default (or "") for the default quota')
+    return "" if args.default else args.principal
+
+
+def _quotas(args: argparse.Namespace) -> int:
+    command = args.quotas_command
+    with _admin(_connection(args)) as admin:
+        if command == "list":
+            listing = admin.list_quotas()
+            if args.json:
+                _print_json(listing)
+            else:
+                rows: list[tuple[str, Quota]] = [("(default)", listing.default_quota)]
+                rows += sorted(listing.quotas.items())
+                print(
+                    _table(
+                        ["PRINCIPAL", "PRODUCE_BYTES_PER_S", "FETCH_BYTES_PER_S"],
+                        [[p, q.produce_bytes_per_s, q.fetch_bytes_per_s] for p, q in rows],
+                    )
+                )
+                print("(- : unlimited; a principal's own quota replaces the default one)")
+        elif command == "set":
+            principal = _quota_principal(args)
+            rates_given = args.produce_bytes_per_s is not None or args.fetch_bytes_per_s is not None
+            if rates_given == args.unlimited:  # rates, or --unlimited: exactly one of the two
+                raise UsageError(
+                    "quotas set needs --produce-bytes-per-s and/or --fetch-bytes-per-s, or "
+                    "--unlimited alone"
+                )
+            admin.set_quota(
+                principal,
+                produce_bytes_per_s=args.produce_bytes_per_s,
+                fetch_bytes_per_s=args.fetch_bytes_per_s,
+            )
+            quota = Quota(args.produce_bytes_per_s, args.fetch_bytes_per_s)
+            if args.json:
+                _print_json({"principal": principal, "quota": quota})
+            else:
+                print(
+                    f"set the {'default quota' if not principal else f'quota of {principal!r}'}: "
+                    f"produce {_rate_text(quota.produce_bytes_per_s)}, "
+                    f"fetch {_rate_text(quota.fetch_bytes_per_s)}"
+                )
+        elif command == "remove":
+            principal = _quota_principal(args)
+            admin.remove_quota(principal)
+            if args.json:
+                _print_json({"removed": principal})
+            elif principal:
+                print(f"removed the quota of {principal!r}: the default quota applies to it")
+            else:
+                print("removed the default quota: principals without their own are unlimited")
+        else:  # pragma: no cover - argparse allows only the commands above
+            raise AssertionError(command)
+    return 0
+
+
+def _rate_text(bytes_per_s: int | None) -> str:
+    return "unlimited" if bytes_per_s is None else f"{bytes_per_s} bytes/s"
+
+
 # ---------------------------------------------------------------------------- parser
 def _client_parent(*, with_json: bool) -> argparse.ArgumentParser:
     """Options every client command takes."""
@@ -905,6 +1279,34 @@ def _client_parent(*, with_json: bool) -> argparse.ArgumentParser:
         "--server",
         metavar="HOST:PORT",
         help=f"the broker (default: ${SERVER_ENV}, else {SERVER_DEFAULT})",
+    )
+    credentials = parent.add_argument_group("connection security")
+    credentials.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"send the bearer token on FILE's first line (default: ${TOKEN_ENV}, if set)",
+    )
+    credentials.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (implied by the --tls-* options); without --tls-ca the "
+        "system's root CAs verify the broker",
+    )
+    credentials.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help=f"TLS, trusting the CA certificate(s) in FILE (PEM) (default: ${TLS_ENV['tls_ca']})",
+    )
+    credentials.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="present this client certificate (PEM), for a broker that requires one (mutual "
+        f"TLS) (default: ${TLS_ENV['tls_cert']})",
+    )
+    credentials.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help=f"the private key of --tls-cert (PEM) (default: ${TLS_ENV['tls_key']})",
     )
     if with_json:
         parent.add_argument("--json", action="store_true", help="print JSON, not tables")
@@ -1083,6 +1485,207 @@ def _add_client_commands(
     )
     consume.add_argument("--format", choices=["text", "json", "raw"], default="text")
     consume.set_defaults(run=_consume, parser=consume)
+    _add_security_commands(commands, client)
+
+
+def _add_acl_filters(parser: argparse.ArgumentParser) -> None:
+    """The filter options of `acls list` and `acls remove` (none given: every ACL)."""
+    parser.add_argument("--principal", metavar="P", help='a principal, or "*" (the wildcard)')
+    parser.add_argument("--resource-type", choices=list(RESOURCE_TYPES))
+    parser.add_argument("--pattern-type", choices=["literal", "prefixed"])
+    parser.add_argument("--name", metavar="N", help="the ACL's resource name or prefix")
+    parser.add_argument("--operation", choices=list(OPERATIONS))
+    parser.add_argument("--permission", choices=["allow", "deny"])
+
+
+def _add_security_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    client: argparse.ArgumentParser,
+) -> None:
+    certs = commands.add_parser(
+        "certs",
+        help="make a development CA and TLS certificates (testing only)",
+        description="Write a throwaway CA (ca.pem, ca-key.pem), a broker certificate for "
+        "localhost, 127.0.0.1, ::1 and every --host (server.pem, server-key.pem) and a client "
+        "certificate per --client NAME with subject CN=NAME (NAME.pem, NAME-key.pem) into DIR; "
+        "keys are mode 0600. Then prints the `riverlog serve` and client options to use them.",
+    )
+    certs.add_argument("dir", metavar="DIR")
+    certs.add_argument("--days", type=_positive, default=365, metavar="N", help="default: 365")
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME",
+        help="another DNS name or IP address of the broker; repeatable",
+    )
+    certs.add_argument(
+        "--client",
+        action="append",
+        metavar="NAME",
+        help="a client certificate for CN=NAME; repeatable (default: one named 'client')",
+    )
+    certs.add_argument("--force", action="store_true", help="replace existing files in DIR")
+    certs.set_defaults(run=_certs)
+
+    tokens = commands.add_parser(
+        "tokens",
+        help="add, remove, list bearer tokens in a token file (no broker needed)",
+        description="Edit the token file of `riverlog serve --tokens-file FILE` directly. The "
+        "file keeps only each token's SHA-256: a token is printed once, by `add`. A running "
+        "broker picks up the changes on SIGHUP (kill -HUP <pid>).",
+    )
+    tokens.set_defaults(run=_tokens)
+    token_commands = tokens.add_subparsers(dest="tokens_command", metavar="COMMAND", required=True)
+    file_parent = argparse.ArgumentParser(add_help=False)
+    file_parent.add_argument("--tokens-file", required=True, metavar="FILE", help="the token file")
+    file_parent.add_argument("--json", action="store_true", help="print JSON, not text")
+    add = token_commands.add_parser(
+        "add",
+        parents=[file_parent],
+        help="give PRINCIPAL a new token (replacing its old one) and print it, once",
+    )
+    add.add_argument("principal", metavar="PRINCIPAL")
+    remove = token_commands.add_parser(
+        "remove", parents=[file_parent], help="remove PRINCIPAL's token (it stops working)"
+    )
+    remove.add_argument("principal", metavar="PRINCIPAL")
+    token_commands.add_parser(
+        "list", parents=[file_parent], help="the principals with a token (never the tokens)"
+    )
+
+    whoami = commands.add_parser(
+        "whoami", parents=[client], help="the principal the broker sees for these credentials"
+    )
+    whoami.set_defaults(run=_whoami)
+
+    acls = commands.add_parser(
+        "acls",
+        help="add, list, remove access-control lists",
+        description="ACLs (enforced by `riverlog serve --acls`): PRINCIPAL may (or, with "
+        "--deny, may not) do OPERATION on the resources of RESOURCE_TYPE named NAME (with "
+        "--prefixed: every name starting with NAME; '*' is every name). DENY wins over ALLOW; "
+        "read, write, delete and alter imply describe. Needs ALTER (list: DESCRIBE) on the "
+        "cluster, or a super user.",
+    )
+    acls.set_defaults(run=_acls)
+    acl_commands = acls.add_subparsers(dest="acls_command", metavar="COMMAND", required=True)
+    add = acl_commands.add_parser("add", parents=[client], help="add ACLs (one per --operation)")
+    add.add_argument(
+        "--principal",
+        required=True,
+        metavar="P",
+        help='a principal ("CN=alice" for a certificate) or "*" for every one',
+    )
+    add.add_argument("--resource-type", required=True, choices=list(RESOURCE_TYPES))
+    add.add_argument(
+        "--name", metavar="N", help='the resource name, "*" for all (cluster: "cluster")'
+    )
+    add.add_argument("--prefixed", action="store_true", help="NAME is a prefix")
+    add.add_argument(
+        "--operation",
+        required=True,
+        action="append",
+        choices=list(OPERATIONS),
+        help="repeatable",
+    )
+    add.add_argument("--deny", action="store_true", help="a DENY ACL (default: ALLOW)")
+    listing = acl_commands.add_parser(
+        "list", parents=[client], help="the ACLs matching the filters (none: all)"
+    )
+    _add_acl_filters(listing)
+    remove = acl_commands.add_parser(
+        "remove", parents=[client], help="remove the ACLs matching the filters"
+    )
+    _add_acl_filters(remove)
+    remove.add_argument("--all", action="store_true", help="remove every ACL (no filter)")
+
+    quotas = commands.add_parser(
+        "quotas",
+        help="list, set, remove produce and fetch quotas (bytes per second)",
+        description="A principal over its quota gets its answers late, and the client waits "
+        "as long again (throttle_time_ms). A principal's own quota replaces the default one; a "
+        "rate not given is unlimited.",
+    )
+    quotas.set_defaults(run=_quotas)
+    quota_commands = quotas.add_subparsers(dest="quotas_command", metavar="COMMAND", required=True)
+    quota_commands.add_parser("list", parents=[client], help="the default and every own quota")
+    for verb, text in (("set", "set a quota"), ("remove", "remove a principal's own quota")):
+        command = quota_commands.add_parser(verb, parents=[client], help=text)
+        command.add_argument(
+            "principal", nargs="?", metavar="PRINCIPAL", help='"" or --default: the default'
+        )
+        command.add_argument("--default", action="store_true", help="the default quota")
+        if verb == "set":
+            command.add_argument(
+                "--produce-bytes-per-s", type=_positive, metavar="N", help="default: unlimited"
+            )
+            command.add_argument(
+                "--fetch-bytes-per-s", type=_positive, metavar="N", help="default: unlimited"
+            )
+            command.add_argument(
+                "--unlimited",
+                action="store_true",
+                help="no limits: exempts a principal from the default quota",
+            )
+
+
+def _super_users(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected principals separated by commas, got {text!r}")
+    return names
+
+
+def _add_serve_security(serve: argparse.ArgumentParser) -> None:
+    security = serve.add_argument_group(
+        "security",
+        "Off by default: a broker listens on loopback only and anyone who connects may do "
+        "everything. TLS: --tls-cert and --tls-key; mutual TLS: add --tls-client-ca; "
+        "authentication: --tokens-file and/or --tls-client-ca; authorization: --acls "
+        "(with --super-users); quotas: `riverlog quotas set` on the running broker. "
+        "`riverlog certs DIR` makes development certificates.",
+    )
+    security.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve TLS with this certificate (chain, PEM); needs --tls-key",
+    )
+    security.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    security.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require every client to present a certificate signed by a CA in FILE (mutual "
+        'TLS); its subject ("CN=alice") is the caller\'s principal. Needs --tls-cert',
+    )
+    security.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="authenticate callers by bearer token (`riverlog tokens add`); a call with no "
+        "token (and no client certificate) is refused UNAUTHENTICATED. Re-read on SIGHUP",
+    )
+    security.add_argument(
+        "--super-users",
+        type=_super_users,
+        metavar="P1,P2",
+        help="principals that may do everything, whatever the ACLs",
+    )
+    security.add_argument(
+        "--acls",
+        action="store_true",
+        help="enforce ACLs: a principal may do only what an ACL allows (`riverlog acls add`; "
+        "kept in DATA_DIR/acls.json)",
+    )
+    security.add_argument(
+        "--acls-file",
+        metavar="FILE",
+        help="add the ACLs in FILE at start (JSON, the format of DATA_DIR/acls.json)",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on an address other than loopback without TLS (tokens and "
+        "records then cross the network in the clear)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1100,6 +1703,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="gRPC worker threads (default 64)")
     for flag, field in _LOG_FLAGS:
         serve.add_argument(flag, dest=field, help=f"broker-wide default for {field}")
+    _add_serve_security(serve)
     serve.set_defaults(run=_serve)
     demo = commands.add_parser("demo", help="append to a partition log and read it back")
     demo.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="default: ./riverlog-data")
@@ -1114,8 +1718,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
+    except UsageError as e:
+        print(f"riverlog: {redact(str(e))}", file=sys.stderr)
+        return 2
     except (StorageError, RiverlogError) as e:
-        print(f"riverlog: {e}", file=sys.stderr)
+        # redact: no message shows a token, even one a broker echoed.
+        print(f"riverlog: {redact(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

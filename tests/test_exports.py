@@ -44,6 +44,17 @@ def test_client_surface_is_stable() -> None:
         "ShareGroupConfig",
     ):
         assert name in stream.__all__
+    # Security: connection options, the Admin security calls' answers, their errors.
+    for name in (
+        "TlsOptions",
+        "WhoAmI",
+        "AclEntry",
+        "Quota",
+        "QuotaListing",
+        "AuthenticationError",
+        "AuthorizationError",
+    ):
+        assert name in stream.__all__
     assert set(stream_aio.__all__) == {
         "AsyncProducer",
         "AsyncConsumer",

@@ -1,20 +1,27 @@
 """Topic, consumer-group and share-group administration: `AsyncAdmin` on grpc.aio, `Admin` its
 sync facade.
 
-Every method is one RPC of riverlog.v1.Admin, riverlog.v1.Groups, riverlog.v1.Share or
-Broker.ListOffsets: build the request, await it under the call's deadline, turn the answer into
-the plain dataclasses below (never protobuf messages), and a failed call into a
-`RiverlogError` subclass (`from_rpc_error`). `Admin` runs the same coroutines on its own
-`EventLoopThread`.
+Every method is one RPC of riverlog.v1.Admin, riverlog.v1.Groups, riverlog.v1.Share,
+riverlog.v1.Security or Broker.ListOffsets: build the request, await it under the call's
+deadline, turn the answer into the plain dataclasses below (never protobuf messages), and a
+failed call into a `RiverlogError` subclass (`from_rpc_error`). `Admin` runs the same
+coroutines on its own `EventLoopThread`.
+
+Security calls (riverlog.v1.Security; what each needs is in proto/riverlog/v1/security.proto):
+`whoami`, `list_acls` / `create_acls` / `delete_acls` with `AclEntry` (plain strings: the
+resource type "topic", "group", "share-group" or "cluster"; the pattern type "literal" or
+"prefixed"; the operation "read", "write", "create", "delete", "describe" or "alter"; the
+permission "allow" or "deny"), and `list_quotas` / `set_quota` / `remove_quota` (bytes per
+second; None is unlimited; the principal "" is the default quota).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import grpc
 import grpc.aio
@@ -27,6 +34,8 @@ from stream._pb import (
     broker_pb2_grpc,
     groups_pb2,
     groups_pb2_grpc,
+    security_pb2,
+    security_pb2_grpc,
     share_pb2,
     share_pb2_grpc,
     types_pb2,
@@ -35,6 +44,7 @@ from stream._pb import (
 from ._base import (
     EventLoopThread,
     InvalidArgumentError,
+    TlsOptions,
     TopicPartition,
     default_server,
     from_partition_error,
@@ -199,18 +209,176 @@ class ShareGroupDescription:
     total_lag: int
 
 
+# ---------------------------------------------------------------------------- security
+# The words of AclEntry's fields, and the proto enum values they stand for.
+RESOURCE_TYPES: dict[str, security_pb2.ResourceType.ValueType] = {
+    "topic": security_pb2.TOPIC,
+    "group": security_pb2.GROUP,
+    "share-group": security_pb2.SHARE_GROUP,
+    "cluster": security_pb2.CLUSTER,
+}
+PATTERN_TYPES: dict[str, security_pb2.PatternType.ValueType] = {
+    "literal": security_pb2.LITERAL,
+    "prefixed": security_pb2.PREFIXED,
+}
+OPERATIONS: dict[str, security_pb2.Operation.ValueType] = {
+    "read": security_pb2.READ,
+    "write": security_pb2.WRITE,
+    "create": security_pb2.CREATE,
+    "delete": security_pb2.DELETE,
+    "describe": security_pb2.DESCRIBE,
+    "alter": security_pb2.ALTER,
+}
+PERMISSIONS: dict[str, security_pb2.Permission.ValueType] = {
+    "allow": security_pb2.ALLOW,
+    "deny": security_pb2.DENY,
+}
+_ACL_WORDS: dict[str, dict[str, Any]] = {
+    "resource_type": RESOURCE_TYPES,
+    "pattern_type": PATTERN_TYPES,
+    "operation": OPERATIONS,
+    "permission": PERMISSIONS,
+}
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    """Who the broker takes the caller to be."""
+
+    principal: str
+    super_user: bool
+    # Whether the broker enforces ACLs.
+    acls_enabled: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class AclEntry:
+    """One ACL: `principal` ("*": everyone) is ALLOWed or DENYed `operation` on the resources
+    of `resource_type` named `name` (pattern "literal": that name, "*" for all; "prefixed":
+    every name starting with it). The cluster resource is named "cluster".
+
+    Checked when sent (create_acls: InvalidArgumentError naming the field); an entry of the
+    broker's answer with a value this client does not know reads "unknown(N)"."""
+
+    principal: str
+    resource_type: str
+    pattern_type: str = "literal"
+    name: str
+    operation: str
+    permission: str = "allow"
+
+    def to_pb(self) -> security_pb2.Acl:
+        for name in ("principal", "name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentError(f"AclEntry.{name} must be a non-empty str")
+        for name, words in _ACL_WORDS.items():
+            _acl_word(name, getattr(self, name), words)
+        return security_pb2.Acl(
+            principal=self.principal,
+            resource_type=RESOURCE_TYPES[self.resource_type],
+            pattern_type=PATTERN_TYPES[self.pattern_type],
+            name=self.name,
+            operation=OPERATIONS[self.operation],
+            permission=PERMISSIONS[self.permission],
+        )
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Bytes per second a principal may produce and fetch; None: unlimited."""
+
+    produce_bytes_per_s: int | None = None
+    fetch_bytes_per_s: int | None = None
+
+
+@dataclass(frozen=True)
+class QuotaListing:
+    """The default quota (for principals without their own) and every principal's own."""
+
+    default_quota: Quota
+    quotas: dict[str, Quota] = field(default_factory=dict)
+
+
+def _acl_word(name: str, value: object, words: Mapping[str, object]) -> None:
+    if value not in words:
+        raise InvalidArgumentError(
+            f"{name} must be one of {', '.join(map(repr, words))}, got {value!r}"
+        )
+
+
+def acl_filter(
+    *,
+    principal: str | None = None,
+    resource_type: str | None = None,
+    pattern_type: str | None = None,
+    name: str | None = None,
+    operation: str | None = None,
+    permission: str | None = None,
+) -> security_pb2.AclFilter:
+    """The AclFilter of the fields given (None matches anything)."""
+    request = security_pb2.AclFilter(principal=principal or "", name=name or "")
+    for field_name, value in (
+        ("resource_type", resource_type),
+        ("pattern_type", pattern_type),
+        ("operation", operation),
+        ("permission", permission),
+    ):
+        if value is not None:
+            words = _ACL_WORDS[field_name]
+            _acl_word(field_name, value, words)
+            setattr(request, field_name, words[value])
+    return request
+
+
+def _word_of(words: Mapping[str, int], value: int) -> str:
+    for word, number in words.items():
+        if number == value:
+            return word
+    return f"unknown({value})"
+
+
+def _acl_entry(acl: security_pb2.Acl) -> AclEntry:
+    return AclEntry(
+        principal=acl.principal,
+        resource_type=_word_of(RESOURCE_TYPES, acl.resource_type),
+        pattern_type=_word_of(PATTERN_TYPES, acl.pattern_type),
+        name=acl.name,
+        operation=_word_of(OPERATIONS, acl.operation),
+        permission=_word_of(PERMISSIONS, acl.permission),
+    )
+
+
+def _quota(q: security_pb2.Quota) -> Quota:
+    return Quota(
+        q.produce_bytes_per_s if q.HasField("produce_bytes_per_s") else None,
+        q.fetch_bytes_per_s if q.HasField("fetch_bytes_per_s") else None,
+    )
+
+
 # ---------------------------------------------------------------------------- async core
 class AsyncAdmin:
-    """Administration on grpc.aio; create it on the event loop that will use it."""
+    """Administration on grpc.aio; create it on the event loop that will use it.
 
-    def __init__(self, server: str | None = None, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    `token`: a bearer token every call carries; `tls`: TLS (and mutual TLS) settings (see
+    stream/client/_base.py, `open_channel`)."""
+
+    def __init__(
+        self,
+        server: str | None = None,
+        *,
+        timeout_s: float = CALL_TIMEOUT_S,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self.server = default_server(server)
         self._timeout_s = timeout_s
-        self._channel = open_channel(self.server)
+        self._channel = open_channel(self.server, token=token, tls=tls)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._groups = groups_pb2_grpc.GroupsStub(self._channel)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._share = share_pb2_grpc.ShareStub(self._channel)
+        self._security = security_pb2_grpc.SecurityStub(self._channel)
 
     async def _call(
         self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Response], request: Request
@@ -393,6 +561,107 @@ class AsyncAdmin:
         request = share_pb2.DeleteShareGroupRequest(group_id=group_id)
         await self._call(self._share.DeleteShareGroup, request)
 
+    # -------------------------------------------------------------------- security
+    async def whoami(self) -> WhoAmI:
+        """The principal the broker sees for this client, and what it may do."""
+        answer = await self._call(self._security.WhoAmI, security_pb2.WhoAmIRequest())
+        return WhoAmI(answer.principal, answer.super_user, answer.acls_enabled)
+
+    async def list_acls(
+        self,
+        *,
+        principal: str | None = None,
+        resource_type: str | None = None,
+        pattern_type: str | None = None,
+        name: str | None = None,
+        operation: str | None = None,
+        permission: str | None = None,
+    ) -> list[AclEntry]:
+        """The ACLs matching every field given (none given: all of them)."""
+        request = acl_filter(
+            principal=principal,
+            resource_type=resource_type,
+            pattern_type=pattern_type,
+            name=name,
+            operation=operation,
+            permission=permission,
+        )
+        answer = await self._call(self._security.ListAcls, request)
+        return [_acl_entry(acl) for acl in answer.acls]
+
+    async def create_acls(self, entries: Iterable[AclEntry]) -> int:
+        """Add `entries` (durable on return); how many were new (present ones are kept once)."""
+        acls = []
+        for entry in entries:
+            if not isinstance(entry, AclEntry):
+                raise InvalidArgumentError(f"create_acls takes AclEntry, got {entry!r}")
+            with _request_fields("create_acls"):
+                acls.append(entry.to_pb())
+        request = security_pb2.CreateAclsRequest(acls=acls)
+        return (await self._call(self._security.CreateAcls, request)).created
+
+    async def delete_acls(
+        self,
+        *,
+        principal: str | None = None,
+        resource_type: str | None = None,
+        pattern_type: str | None = None,
+        name: str | None = None,
+        operation: str | None = None,
+        permission: str | None = None,
+        everything: bool = False,
+    ) -> list[AclEntry]:
+        """Remove every ACL matching all the fields given (durable on return); the ACLs
+        removed. Without any field it refuses, unless `everything=True` (every ACL goes)."""
+        given = [principal, resource_type, pattern_type, name, operation, permission]
+        if all(value is None for value in given) and not everything:
+            raise InvalidArgumentError(
+                "delete_acls without a filter would remove every ACL: give at least one "
+                "field, or everything=True"
+            )
+        request = acl_filter(
+            principal=principal,
+            resource_type=resource_type,
+            pattern_type=pattern_type,
+            name=name,
+            operation=operation,
+            permission=permission,
+        )
+        answer = await self._call(self._security.DeleteAcls, request)
+        return [_acl_entry(acl) for acl in answer.deleted]
+
+    async def list_quotas(self) -> QuotaListing:
+        answer = await self._call(self._security.ListQuotas, security_pb2.ListQuotasRequest())
+        return QuotaListing(
+            _quota(answer.default_quota),
+            {principal: _quota(q) for principal, q in sorted(answer.quotas.items())},
+        )
+
+    async def set_quota(
+        self,
+        principal: str,
+        *,
+        produce_bytes_per_s: int | None = None,
+        fetch_bytes_per_s: int | None = None,
+    ) -> None:
+        """Set `principal`'s quota ("": the default quota) in bytes per second; None is
+        unlimited (so a principal's own quota without limits exempts it from the default)."""
+        with _request_fields("set_quota"):
+            quota = security_pb2.Quota()
+            if produce_bytes_per_s is not None:
+                quota.produce_bytes_per_s = produce_bytes_per_s
+            if fetch_bytes_per_s is not None:
+                quota.fetch_bytes_per_s = fetch_bytes_per_s
+            request = security_pb2.SetQuotaRequest(principal=principal, quota=quota)
+        await self._call(self._security.SetQuota, request)
+
+    async def remove_quota(self, principal: str) -> None:
+        """Remove `principal`'s own quota: the default one applies to it again ("": remove the
+        default quota)."""
+        with _request_fields("remove_quota"):
+            request = security_pb2.SetQuotaRequest(principal=principal, remove=True)
+        await self._call(self._security.SetQuota, request)
+
     # -------------------------------------------------------------------- lifetime
     async def close(self) -> None:
         await self._channel.close()
@@ -553,12 +822,19 @@ def _share_group_description(d: share_pb2.DescribeShareGroupResponse) -> ShareGr
 class Admin:
     """The blocking `AsyncAdmin`: each method runs the async one on this object's loop thread."""
 
-    def __init__(self, server: str | None = None, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        server: str | None = None,
+        *,
+        timeout_s: float = CALL_TIMEOUT_S,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self._thread = EventLoopThread("riverlog-admin")
         self._closed = False
 
         async def open_core() -> AsyncAdmin:
-            return AsyncAdmin(server, timeout_s=timeout_s)
+            return AsyncAdmin(server, timeout_s=timeout_s, token=token, tls=tls)
 
         try:
             self._core = self._thread.run(open_core())
@@ -679,6 +955,77 @@ class Admin:
 
     def delete_share_group(self, group_id: str) -> None:
         self._thread.run(self._core.delete_share_group(group_id))
+
+    def whoami(self) -> WhoAmI:
+        return self._thread.run(self._core.whoami())
+
+    def list_acls(
+        self,
+        *,
+        principal: str | None = None,
+        resource_type: str | None = None,
+        pattern_type: str | None = None,
+        name: str | None = None,
+        operation: str | None = None,
+        permission: str | None = None,
+    ) -> list[AclEntry]:
+        return self._thread.run(
+            self._core.list_acls(
+                principal=principal,
+                resource_type=resource_type,
+                pattern_type=pattern_type,
+                name=name,
+                operation=operation,
+                permission=permission,
+            )
+        )
+
+    def create_acls(self, entries: Iterable[AclEntry]) -> int:
+        return self._thread.run(self._core.create_acls(list(entries)))
+
+    def delete_acls(
+        self,
+        *,
+        principal: str | None = None,
+        resource_type: str | None = None,
+        pattern_type: str | None = None,
+        name: str | None = None,
+        operation: str | None = None,
+        permission: str | None = None,
+        everything: bool = False,
+    ) -> list[AclEntry]:
+        return self._thread.run(
+            self._core.delete_acls(
+                principal=principal,
+                resource_type=resource_type,
+                pattern_type=pattern_type,
+                name=name,
+                operation=operation,
+                permission=permission,
+                everything=everything,
+            )
+        )
+
+    def list_quotas(self) -> QuotaListing:
+        return self._thread.run(self._core.list_quotas())
+
+    def set_quota(
+        self,
+        principal: str,
+        *,
+        produce_bytes_per_s: int | None = None,
+        fetch_bytes_per_s: int | None = None,
+    ) -> None:
+        self._thread.run(
+            self._core.set_quota(
+                principal,
+                produce_bytes_per_s=produce_bytes_per_s,
+                fetch_bytes_per_s=fetch_bytes_per_s,
+            )
+        )
+
+    def remove_quota(self, principal: str) -> None:
+        self._thread.run(self._core.remove_quota(principal))
 
     def close(self) -> None:
         if self._closed:

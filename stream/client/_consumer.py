@@ -99,11 +99,14 @@ from ._base import (
     OffsetOutOfRangeError,
     Record,
     RiverlogError,
+    TlsOptions,
     TopicPartition,
+    check_token,
     default_server,
     from_partition_error,
     from_rpc_error,
     open_channel,
+    throttle_s,
 )
 from ._decode import decode_fetch
 
@@ -130,6 +133,11 @@ RETRY_BACKOFF_S_MAX = 1.0
 HEARTBEAT_GAP_S_MIN = 0.02
 # How long close() lets grpc finish a fetch it cancelled before the channel and loop go.
 CANCEL_SETTLE_S = 0.01
+# Loop turns the fetch task yields after starting the next fetch, before decoding, so that the
+# request is on the wire meanwhile: one for a plain call; an intercepted one (a bearer token,
+# stream/client/_base.py) runs its interceptor in one turn and starts the real call in the
+# next. With one turn only, a token cost consume 12% (bench/client_bench.py --quick).
+FETCH_START_TURNS = 2
 # A commit refused FENCED_MEMBER is retried this many times, each after a heartbeat answer.
 COMMIT_ATTEMPTS_MAX = 20
 # What iteration waits per poll before it checks whether the consumer was closed.
@@ -314,6 +322,11 @@ class AsyncConsumer:
       polled (in batch bytes).
     - on_assign / on_revoke(partitions): run inside poll (and close), on the consumer's event
       loop, never while records an earlier poll returned may still be in process.
+    - token (a bearer token) and tls (TlsOptions): the connection's credentials
+      (stream/client/_base.py).
+
+    Quotas: a fetch answer with throttle_time_ms > 0 delays the next fetch that long (at most
+    THROTTLE_MS_MAX); heartbeats and commits go on meanwhile.
     """
 
     def __init__(
@@ -336,6 +349,8 @@ class AsyncConsumer:
         buffer_bytes_max: int = 8 * MiB,
         on_assign: Callback | None = None,
         on_revoke: Callback | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if isinstance(topics, str):
             raise InvalidArgumentError(f"topics is a list of names, got the string {topics!r}")
@@ -364,6 +379,8 @@ class AsyncConsumer:
         _check_int("fetch_max_wait_ms", fetch_max_wait_ms, 0, FETCH_WAIT_MS_MAX)
         _check_int("buffer_bytes_max", buffer_bytes_max, 1)
         self._server = default_server(server)
+        self._token = None if token is None else check_token(token)
+        self._tls = tls
         self._group = group
         self._group_id = group or ""  # for requests: only sent when there is a group
         self._topics = tuple(topics)
@@ -448,7 +465,7 @@ class AsyncConsumer:
             raise RiverlogError("the consumer is closed")
         if self._channel is not None:
             return
-        self._channel = open_channel(self._server)
+        self._channel = open_channel(self._server, token=self._token, tls=self._tls)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._groups = groups_pb2_grpc.GroupsStub(self._channel)
         self._last_poll_s = time.monotonic()
@@ -1107,15 +1124,20 @@ class AsyncConsumer:
             backoff_s = RETRY_BACKOFF_S_MIN
             if answer.heartbeat_now:
                 self._heartbeat_soon()
+            # Over a fetch quota: no fetch (not even the pipelined one) for this long.
+            pause_s = throttle_s(answer.throttle_time_ms) if answer.throttle_time_ms > 0 else 0.0
             claims, out_of_range = self._claim(answer, wanted)
-            if claims and not out_of_range:
+            if claims and not out_of_range and not pause_s:
                 self._fetch_wake.clear()
                 sent = self._send_fetch()
                 if sent is not None:
-                    await asyncio.sleep(0)  # lets grpc put the request on the wire
+                    for _ in range(FETCH_START_TURNS):  # lets grpc put the request on the wire
+                        await asyncio.sleep(0)
             self._decode(claims)
             if out_of_range:
                 await self._check_offsets(out_of_range)
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
     def _claim(
         self, answer: broker_pb2.FetchResponse, wanted: dict[TopicPartition, int]
@@ -1485,6 +1507,8 @@ class Consumer:
         buffer_bytes_max: int = 8 * MiB,
         on_assign: Callback | None = None,
         on_revoke: Callback | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         self._core = AsyncConsumer(
             server,
@@ -1504,6 +1528,8 @@ class Consumer:
             buffer_bytes_max=buffer_bytes_max,
             on_assign=on_assign,
             on_revoke=on_revoke,
+            token=token,
+            tls=tls,
         )
         self._thread = EventLoopThread("riverlog-consumer")
         self._loop_ident = self._thread.run(_thread_ident())

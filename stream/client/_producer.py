@@ -124,13 +124,16 @@ from ._base import (
     RecordMetadata,
     ResourceExhaustedError,
     RiverlogError,
+    TlsOptions,
     UnavailableError,
     UnknownProducerError,
+    check_token,
     compression_of,
     default_server,
     from_partition_error,
     from_rpc_error,
     open_channel,
+    throttle_s,
 )
 
 __all__ = ["AsyncProducer", "Producer"]
@@ -313,7 +316,11 @@ class AsyncProducer:
     `idempotent` (default: on unless acks is "none") numbers every batch so that a retry is
     never appended twice and order is kept (see the module docstring); `producer_name` gives
     an idempotent producer a stable identity: starting another producer with the same name
-    fences this one (ProducerFencedError).
+    fences this one (ProducerFencedError). `token` (a bearer token) and `tls` (TlsOptions):
+    the connection's credentials (stream/client/_base.py).
+
+    Quotas: an answer with throttle_time_ms > 0 pauses the sending of requests for that long
+    (at most THROTTLE_MS_MAX); batches keep filling meanwhile.
     """
 
     def __init__(
@@ -332,6 +339,8 @@ class AsyncProducer:
         request_timeout_ms: int = 30_000,
         idempotent: bool | None = None,
         producer_name: str | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if acks not in ACKS:
             raise InvalidArgumentError(f"acks must be 'none', 'leader' or 'all', got {acks!r}")
@@ -360,6 +369,8 @@ class AsyncProducer:
                     f"{name} must be an int in [{low}, {high}], got {value!r}"
                 )
         self.server = default_server(server)
+        self._token = None if token is None else check_token(token)
+        self._tls = tls
         self._acks = ACKS[acks]
         self._acks_none = acks == "none"
         self._linger_s = linger_ms / 1000
@@ -401,6 +412,7 @@ class AsyncProducer:
         self._next_correlation_id = 0
         self._stream_failures = 0  # consecutive, reset by an answer
         self._reopen_s = 0.0
+        self._throttled_until_s = 0.0  # no request is written before (a quota's answer)
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()  # replaced each time batches finish
         self._space_waiters = 0
@@ -771,7 +783,7 @@ class AsyncProducer:
         if self._closed:
             raise RiverlogError("the producer is closed")
         loop = asyncio.get_running_loop()
-        self._channel = open_channel(self.server)
+        self._channel = open_channel(self.server, token=self._token, tls=self._tls)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._sender = loop.create_task(self._run_sender(), name="riverlog-producer-sender")
@@ -842,6 +854,8 @@ class AsyncProducer:
             request: _Request | None = None
             if self._call is None and self._has_work() and now_s < self._reopen_s:
                 wait_s = _earliest(wait_s, self._reopen_s - now_s)
+            elif now_s < self._throttled_until_s and (self._open or self._ready or self._retry):
+                wait_s = _earliest(wait_s, self._throttled_until_s - now_s)
             elif self._acks_none or len(self._in_flight) < self._max_in_flight:
                 request, next_s = self._take_request(now_s)
                 if next_s is not None:
@@ -1180,6 +1194,8 @@ class AsyncProducer:
         request = self._in_flight.popleft()
         self._stream_failures = 0
         self._wakeup.set()  # a slot is free
+        if answer.throttle_time_ms > 0:
+            self._throttled_until_s = time.monotonic() + throttle_s(answer.throttle_time_ms)
         results = answer.results
         batches = request.batches
         if len(results) != len(batches):
@@ -1565,6 +1581,8 @@ class Producer:
         request_timeout_ms: int = 30_000,
         idempotent: bool | None = None,
         producer_name: str | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         core = AsyncProducer(
             server,
@@ -1580,6 +1598,8 @@ class Producer:
             request_timeout_ms=request_timeout_ms,
             idempotent=idempotent,
             producer_name=producer_name,
+            token=token,
+            tls=tls,
         )
         self._thread = EventLoopThread("riverlog-producer")
         self._core = core

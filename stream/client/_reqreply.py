@@ -22,6 +22,9 @@ requester's: many requesters may share a reply topic, each reads all of it).
 The requester follows every partition of reply_topic (created with one partition when it does
 not exist) from its end as of the first request, with a Consumer that reads, never commits;
 partitions added to the reply topic later are not followed.
+
+Every class takes `token` (a bearer token) and `tls` (TlsOptions) and gives them to the
+producer, consumers and admin client it builds (stream/client/_base.py).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from ._base import (
     Record,
     ResourceExhaustedError,
     RiverlogError,
+    TlsOptions,
     TopicPartition,
+    check_token,
     default_server,
 )
 from ._consumer import AsyncConsumer
@@ -95,12 +100,21 @@ class AsyncRequester:
     docstring). Use on one event loop; `async with` closes it."""
 
     def __init__(
-        self, server: str | None = None, *, topic: str, reply_topic: str, timeout_s: float = 10.0
+        self,
+        server: str | None = None,
+        *,
+        topic: str,
+        reply_topic: str,
+        timeout_s: float = 10.0,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         for name, value in (("topic", topic), ("reply_topic", reply_topic)):
             if not isinstance(value, str) or not value:
                 raise InvalidArgumentError(f"{name} must be a non-empty str, got {value!r}")
         self._server = default_server(server)
+        self._token = None if token is None else check_token(token)
+        self._tls = tls
         self._topic = topic
         self._reply_topic = reply_topic
         self._timeout_s = _check_timeout(timeout_s)
@@ -175,7 +189,9 @@ class AsyncRequester:
             if self._reader is not None:
                 return
             partitions = await self._reply_partitions()
-            consumer = AsyncConsumer(self._server, fetch_max_wait_ms=REPLY_POLL_MS)
+            consumer = AsyncConsumer(
+                self._server, fetch_max_wait_ms=REPLY_POLL_MS, token=self._token, tls=self._tls
+            )
             try:
                 consumer.assign([TopicPartition(self._reply_topic, p) for p in range(partitions)])
                 await consumer.seek_to_end()
@@ -183,14 +199,16 @@ class AsyncRequester:
                 await consumer.close()
                 raise
             self._consumer = consumer
-            self._producer = AsyncProducer(self._server, linger_ms=0)
+            self._producer = AsyncProducer(
+                self._server, linger_ms=0, token=self._token, tls=self._tls
+            )
             self._reader = asyncio.get_running_loop().create_task(
                 self._read_replies(consumer), name="riverlog-requester-replies"
             )
 
     async def _reply_partitions(self) -> int:
         """The reply topic's partition count (creating it with one when it does not exist)."""
-        admin = AsyncAdmin(self._server)
+        admin = AsyncAdmin(self._server, token=self._token, tls=self._tls)
         try:
             try:
                 return len((await admin.describe_topic(self._reply_topic)).partitions)
@@ -252,10 +270,22 @@ class Requester:
     threads may call request() at once."""
 
     def __init__(
-        self, server: str | None = None, *, topic: str, reply_topic: str, timeout_s: float = 10.0
+        self,
+        server: str | None = None,
+        *,
+        topic: str,
+        reply_topic: str,
+        timeout_s: float = 10.0,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         self._core = AsyncRequester(
-            server, topic=topic, reply_topic=reply_topic, timeout_s=timeout_s
+            server,
+            topic=topic,
+            reply_topic=reply_topic,
+            timeout_s=timeout_s,
+            token=token,
+            tls=tls,
         )
         self._thread = EventLoopThread("riverlog-requester")
 
@@ -313,6 +343,8 @@ class AsyncResponder:
         handler: Handler,
         lock_ms: int = 30_000,
         max_records: int = 100,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if not callable(handler):
             raise InvalidArgumentError(f"handler must be callable, got {handler!r}")
@@ -325,8 +357,10 @@ class AsyncResponder:
             lock_ms=lock_ms,
             max_records=max_records,
             max_wait_ms=SERVE_POLL_MS,
+            token=token,
+            tls=tls,
         )
-        self._producer = AsyncProducer(self._server, linger_ms=0)
+        self._producer = AsyncProducer(self._server, linger_ms=0, token=token, tls=tls)
         self._serving = 0
         self._idle = asyncio.Event()
         self._closing = False
@@ -470,6 +504,8 @@ class Responder:
         handler: Callable[[ShareRecord], bytes],
         lock_ms: int = 30_000,
         max_records: int = 100,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if not callable(handler):
             raise InvalidArgumentError(f"handler must be callable, got {handler!r}")
@@ -484,6 +520,8 @@ class Responder:
             handler=in_thread,
             lock_ms=lock_ms,
             max_records=max_records,
+            token=token,
+            tls=tls,
         )
         self._thread = EventLoopThread("riverlog-responder")
 

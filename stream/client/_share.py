@@ -41,6 +41,10 @@ Group settings (lock_ms, max_delivery_attempts, dead_letter_topic, start, retry_
 retry_backoff_max_ms) are sent with the joining heartbeat and used only by the member that
 creates the group; `config` is what the group really uses (from the heartbeat answer).
 
+Quotas: a ShareFetch answer with throttle_time_ms > 0 holds the next ShareFetch back that long
+(at most THROTTLE_MS_MAX; a poll whose timeout ends first returns []); acknowledgements by
+commit() and heartbeats go on meanwhile.
+
 Bounds: one ShareFetch in flight, at most MAX_RECORDS_MAX records an answer; the records held
 (handed out, not acknowledged) are forgotten HELD_GRACE_S after their lock expired; at most
 ACKS_PER_REQUEST_MAX ranges per request (more go in several requests); retriable failures
@@ -71,9 +75,12 @@ from ._base import (
     InvalidArgumentError,
     Record,
     RiverlogError,
+    TlsOptions,
+    check_token,
     default_server,
     from_rpc_error,
     open_channel,
+    throttle_s,
 )
 from ._decode import decode_fetch
 
@@ -279,6 +286,8 @@ class AsyncShareConsumer:
     poll sends more while its timeout lasts), auto_ack: each poll (and commit, and close)
     first accepts every record the previous poll returned that was not acked, released or
     rejected, as Kafka's implicit acknowledgement.
+
+    Connection: token (a bearer token) and tls (TlsOptions), see stream/client/_base.py.
     """
 
     def __init__(
@@ -297,6 +306,8 @@ class AsyncShareConsumer:
         max_records: int = 500,
         session_timeout_ms: int = 45_000,
         max_wait_ms: int = 5_000,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if not isinstance(group, str) or not group:
             raise InvalidArgumentError(f"group must be a non-empty str, got {group!r}")
@@ -323,6 +334,8 @@ class AsyncShareConsumer:
         )
         _check_int("max_wait_ms", max_wait_ms, 0, FETCH_WAIT_MS_MAX)
         self._server = default_server(server)
+        self._token = None if token is None else check_token(token)
+        self._tls = tls
         self._group = group
         self._topics = topics
         self._wanted = share_pb2.ShareGroupConfig(
@@ -344,6 +357,7 @@ class AsyncShareConsumer:
         self._fetch_lock = asyncio.Lock()  # one ShareFetch in flight
         self._fetch_call: Any = None  # the ShareFetch in flight, for close() to cancel
         self._polling = 0
+        self._throttled_until_s = 0.0  # no ShareFetch before (a fetch quota's answer)
         self._closing = False
         self._closed = False
         # A failure of the heartbeat task, raised by the next poll.
@@ -394,7 +408,7 @@ class AsyncShareConsumer:
         self._check_open()
         if self._channel is not None:
             return
-        self._channel = open_channel(self._server)
+        self._channel = open_channel(self._server, token=self._token, tls=self._tls)
         self._stub = share_pb2_grpc.ShareStub(self._channel)
         self._heartbeat_task = asyncio.get_running_loop().create_task(
             self._heartbeat_loop(), name="riverlog-share-heartbeat"
@@ -534,8 +548,14 @@ class AsyncShareConsumer:
             acks, self._unsent = self._unsent + coalesce(pending), []
         return acks
 
-    def _put_back(self, acks: list[_Ack]) -> None:
-        """Acknowledgements of a call that failed retriably: first in the next one."""
+    def _put_back(self, acks: list[_Ack], generation: int) -> None:
+        """Acknowledgements of a call that failed retriably: first in the next one, unless
+        the membership they were taken in has ended meanwhile (then they are failures)."""
+        if generation != self._generation:
+            self._record_failures(
+                _failures(acks, "UNKNOWN_MEMBER", "the membership ended before they were sent")
+            )
+            return
         with self._lock:
             self._unsent = acks + self._unsent
 
@@ -549,39 +569,42 @@ class AsyncShareConsumer:
     async def _commit(self) -> list[AckFailure]:
         if self._auto_ack:
             self._accept_last()
-        return await self._send_acks(_chunks(self._take_acks()))
+        generation = self._generation
+        return await self._send_acks(_chunks(self._take_acks()), generation)
 
-    async def _send_acks(self, chunks: list[list[_Ack]]) -> list[AckFailure]:
+    async def _send_acks(self, chunks: list[list[_Ack]], generation: int) -> list[AckFailure]:
         """ShareAcknowledge per chunk; the refusals. On a failure, the chunks not answered
         are put back (retriable) or reported (not retriable: the broker refused them)."""
         failures: list[AckFailure] = []
         for i, chunk in enumerate(chunks):
             try:
-                failures += await self._acknowledge(chunk)
+                failures += await self._acknowledge(chunk, generation)
             except RiverlogError as error:
-                self._call_failed(chunk, error)
-                self._put_back([a for c in chunks[i + 1 :] for a in c])
+                self._call_failed(chunk, error, generation)
+                self._put_back([a for c in chunks[i + 1 :] for a in c], generation)
                 raise
             except BaseException:  # cancelled
-                self._put_back([a for c in chunks[i:] for a in c])
+                self._put_back([a for c in chunks[i:] for a in c], generation)
                 raise
         return failures
 
-    def _call_failed(self, acks: list[_Ack], error: RiverlogError) -> None:
+    def _call_failed(self, acks: list[_Ack], error: RiverlogError, generation: int) -> None:
         """The call carrying `acks` failed: send them again later when it may succeed."""
         if error.retriable:
-            self._put_back(acks)
+            self._put_back(acks, generation)
         else:
             name = error.name or (error.code.name if error.code is not None else "ERROR")
             self._record_failures(_failures(acks, name, str(error)))
 
-    async def _acknowledge(self, acks: list[_Ack]) -> list[AckFailure]:
-        """One ShareAcknowledge, retried while UNAVAILABLE (ACK_ATTEMPTS_MAX calls)."""
+    async def _acknowledge(self, acks: list[_Ack], generation: int) -> list[AckFailure]:
+        """One ShareAcknowledge, retried while UNAVAILABLE (ACK_ATTEMPTS_MAX calls), always
+        under the member id of `generation`, the membership the records were handed out in:
+        after a rejoin they would name another member's deliveries."""
         assert self._stub is not None, "acknowledgements exist only after a poll"
         backoff_s = RETRY_BACKOFF_S_MIN
         for attempt in range(1, ACK_ATTEMPTS_MAX + 1):
-            generation, member_id = self._generation, self._member_id
-            if not member_id:
+            member_id = self._member_id
+            if generation != self._generation or not member_id:
                 return _failures(acks, "UNKNOWN_MEMBER", "the membership ended before the send")
             request = share_pb2.ShareAcknowledgeRequest(
                 group_id=self._group, member_id=member_id, acks=_to_pb(acks)
@@ -641,6 +664,16 @@ class AsyncShareConsumer:
                     await asyncio.wait_for(self._member_changed.wait(), remaining_s)
                 continue
             self._forget_expired()
+            throttled_s = self._throttled_until_s - time.monotonic()
+            if throttled_s > 0:  # over the fetch quota: no ShareFetch before then
+                if remaining_s <= 0:
+                    return []
+                self._member_changed.clear()  # close() sets it: wakes this wait too
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._member_changed.wait(), min(throttled_s, remaining_s)
+                    )
+                continue
             try:
                 records = await self._fetch(max_records, max(0, int(remaining_s * 1000)))
             except RiverlogError as error:
@@ -668,12 +701,14 @@ class AsyncShareConsumer:
         """One ShareFetch with the queued acknowledgements: the records acquired, or None when
         the membership ended (the broker refused the member, or it was lost meanwhile)."""
         assert self._stub is not None
+        generation = self._generation
         chunks = _chunks(self._take_acks())
         if len(chunks) > 1:  # more ranges than one request takes: the others go first
-            self._record_failures(await self._send_acks(chunks[1:]))
+            self._record_failures(await self._send_acks(chunks[1:], generation))
         acks = chunks[0] if chunks else []
-        generation, member_id = self._generation, self._member_id
-        if not member_id:  # lost while the extra ranges were sent
+        member_id = self._member_id
+        if generation != self._generation or not member_id:  # lost meanwhile
+            self._put_back(acks, generation)  # reported as failures
             return None
         wait_ms = min(wait_ms, self._max_wait_ms)
         request = share_pb2.ShareFetchRequest(
@@ -690,7 +725,7 @@ class AsyncShareConsumer:
         try:
             answer = await call
         except asyncio.CancelledError:
-            self._put_back(acks)
+            self._put_back(acks, generation)
             if self._closing:
                 return []  # close() ended it; it sends what was put back
             raise
@@ -700,10 +735,12 @@ class AsyncShareConsumer:
                 self._record_failures(_failures(acks, error.name, str(error)))
                 self._lose_membership(generation, f"fetch refused {error.name}")
                 return None
-            self._call_failed(acks, error)
+            self._call_failed(acks, error, generation)
             raise error from None
         finally:
             self._fetch_call = None
+        if answer.throttle_time_ms > 0:
+            self._throttled_until_s = time.monotonic() + throttle_s(answer.throttle_time_ms)
         self._record_failures(_refusals(answer.refused))
         if generation != self._generation:
             return None  # acquired by the old member id: the broker released them
@@ -876,6 +913,8 @@ class ShareConsumer:
         max_records: int = 500,
         session_timeout_ms: int = 45_000,
         max_wait_ms: int = 5_000,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         self._core = AsyncShareConsumer(
             server,
@@ -891,6 +930,8 @@ class ShareConsumer:
             max_records=max_records,
             session_timeout_ms=session_timeout_ms,
             max_wait_ms=max_wait_ms,
+            token=token,
+            tls=tls,
         )
         self._thread = EventLoopThread("riverlog-share-consumer")
 
