@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import signal
@@ -955,6 +956,38 @@ def test_removed_token_is_refused_after_reload(tmp_path: Path, stack: ExitStack)
     assert end_offsets(admin) == before
     assert env.client(token=carol).whoami().principal == "carol"
     assert env.client("alice").whoami().principal == "alice"
+
+
+def test_removed_token_stops_an_open_produce_stream(tmp_path: Path, stack: ExitStack) -> None:
+    """A stream authenticated when it opened is checked again after a reload: the next
+    request of a revoked principal is refused before it is appended."""
+    env = start_env(tmp_path, stack)
+    admin, bob = env.super_user(), env.client("bob")
+    create_topic(admin, "t")
+    outbox: queue.Queue[broker_pb2.ProduceRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[broker_pb2.ProduceRequest]:
+        for _ in range(10):  # bounded: the test sends two
+            item = outbox.get(timeout=RPC_TIMEOUT_S)
+            if item is None:
+                return
+            yield item
+
+    answers = bob.broker.ProduceStream(requests(), metadata=bob.metadata, timeout=RPC_TIMEOUT_S)
+    outbox.put(produce_request("t"))
+    first = next(answers)
+    assert not first.results[0].HasField("error")
+    before = end_offsets(admin)
+    TokenStore.load(env.tokens_file, wall_clock_ms).remove("bob")
+    env.running.reload()
+    outbox.put(produce_request("t"))
+    with pytest.raises(grpc.RpcError) as info:
+        next(answers)
+    outbox.put(None)
+    error = info.value
+    assert isinstance(error, grpc.Call)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert end_offsets(admin) == before
 
 
 # ---------------------------------------------------------------------------- listing

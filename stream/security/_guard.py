@@ -233,10 +233,35 @@ def _unary(guard: Guard, behaviour: Behaviour) -> Behaviour:
 
 
 def _streaming(guard: Guard, behaviour: Behaviour) -> Behaviour:
+    """A stream is authenticated when it opens, and again whenever the token table changed
+    (a token removed and reloaded): before each request it reads (ProduceStream) and before
+    each answer it sends (Subscribe), so a revoked token stops a stream that is open."""
+
+    def still_valid(version: list[int], context: grpc.ServicerContext) -> None:
+        """NotAuthenticatedError if the caller's credentials went since the last check."""
+        tokens = guard.tokens
+        if tokens is not None and tokens.version != version[0]:
+            version[0] = tokens.version
+            guard.authenticate(context)
+
+    def checked(requests: Iterator[Any], version: list[int], context: Any) -> Iterator[Any]:
+        # Read inside the servicer: its error handling turns the error into UNAUTHENTICATED.
+        for request in requests:
+            still_valid(version, context)
+            yield request
+
     def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        version = [0 if guard.tokens is None else guard.tokens.version]
         token = _enter(guard, context)
         try:
-            yield from behaviour(request, context)
+            if isinstance(request, Iterator):
+                request = checked(request, version, context)
+            for answer in behaviour(request, context):
+                try:
+                    still_valid(version, context)
+                except NotAuthenticatedError as e:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+                yield answer
         finally:
             _PRINCIPAL.reset(token)
 

@@ -302,3 +302,5 @@ class TokenStore:
     def _install_locked(self, entries: dict[str, _Entry]) -> None:
         self._entries = entries
         self._table = tuple((entry.sha256, name) for name, entry in entries.items())
+        # Changes with every new table: long-lived calls authenticated earlier check again.
+        self.version = getattr(self, "version", 0) + 1
