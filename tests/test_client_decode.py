@@ -192,6 +192,27 @@ def test_columns_give_what_storage_gives(fetch: Fetch) -> None:
             assert columns_answer(fetch.data, fetch.offset)
 
 
+@settings(max_examples=300, deadline=None)
+@given(fetches(), st.integers(-2, 3000))
+def test_stop_leaves_out_the_records_from_it_on(fetch: Fetch, stop_shift: int) -> None:
+    """A share fetch decodes only up to its last acquired offset: what storage gives, cut."""
+    stop = fetch.offset + stop_shift
+    with small_thresholds():
+        got = decode_fetch_or_error(fetch.data, fetch.offset, stop)
+        want = by_storage(fetch.data, fetch.offset)
+        if isinstance(want[0], list):
+            records, last = want
+            want = ([r for r in records if r.offset < stop], last)
+        assert got == want
+
+
+def decode_fetch_or_error(data: bytes, offset: int, stop: int) -> Outcome:
+    try:
+        return decode_fetch(data, TOPIC, PARTITION, offset, stop)
+    except CorruptBatchError as e:
+        return type(e), str(e)
+
+
 @settings(max_examples=100, deadline=None)
 @given(fetches(with_headers=True))
 def test_records_with_headers_are_decoded_by_storage(fetch: Fetch) -> None:

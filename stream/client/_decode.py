@@ -91,11 +91,16 @@ _record_from = cast("Callable[[tuple[Any, ...]], Record]", functools.partial(_ne
 _offset_of = itemgetter(0)
 
 
-def decode_fetch(data: bytes, topic: str, partition: int, offset: int) -> tuple[list[Record], int]:
-    """The records in `data` (back-to-back batches of one partition) from `offset` on, and the
-    offset of the last record in `data`.
+def decode_fetch(
+    data: bytes, topic: str, partition: int, offset: int, stop: int | None = None
+) -> tuple[list[Record], int]:
+    """The records in `data` (back-to-back batches of one partition) from `offset` on (and
+    below `stop`, if given), and the offset of the last record in `data`.
 
-    Records below `offset` are left out: a fetch starts with the batch that holds it. Raises
+    Records below `offset` are left out: a fetch starts with the batch that holds it. Records
+    from `stop` on are not built either (a share fetch answer holds whole batches, of which a
+    member was given a part): the columns are read for the whole batch, but the per-record
+    work is only done for the records kept. Raises
     what storage.decode_records raises for the same bytes (CorruptBatchError, or its subclass
     UnsupportedCodecError), and ValueError when `data` is empty.
     """
@@ -103,30 +108,31 @@ def decode_fetch(data: bytes, topic: str, partition: int, offset: int) -> tuple[
         raise ValueError("a fetch answer to decode needs at least one batch")
     if len(data) >= COLUMNS_RECORDS_MIN * RECORD_BYTES_MIN:
         try:
-            decoded = _decode_columns(data, topic, partition, offset)
+            decoded = _decode_columns(data, topic, partition, offset, stop)
         except StorageError:  # storage names the first problem, in batch order
             decoded = None
         if decoded is not None:
             return decoded
-    return _decode_by_storage(data, topic, partition, offset)
+    return _decode_by_storage(data, topic, partition, offset, stop)
 
 
 def _decode_by_storage(
-    data: bytes, topic: str, partition: int, offset: int
+    data: bytes, topic: str, partition: int, offset: int, stop: int | None = None
 ) -> tuple[list[Record], int]:
     """decode_fetch through storage Records: what the consumer did before the columns."""
     decoded = decode_records(data)
     skip = 0
     if decoded[0].offset < offset:
         skip = bisect_left(decoded, offset, key=_offset_of)
+    end = len(decoded) if stop is None else bisect_left(decoded, stop, key=_offset_of)
     prefix = (topic, partition)
-    rows = decoded if skip == 0 else itertools.islice(decoded, skip, None)
+    rows = decoded if skip == 0 and end == len(decoded) else itertools.islice(decoded, skip, end)
     return list(map(_record_from, map(prefix.__add__, rows))), decoded[-1].offset
 
 
 # ---------------------------------------------------------------------------- columns
 def _decode_columns(
-    data: bytes, topic: str, partition: int, offset: int
+    data: bytes, topic: str, partition: int, offset: int, stop: int | None = None
 ) -> tuple[list[Record], int] | None:
     """decode_fetch by columns; None when storage must decide (see the module docstring).
     A StorageError from check_batch or decompression also means that."""
@@ -148,8 +154,8 @@ def _decode_columns(
 
     # Where every record starts and ends, from the length varints alone.
     starts: list[_I64] = []
-    for (start, stop), count in zip(sections, counts, strict=True):
-        found = _record_starts(buf, u8, start, stop, count)
+    for (section_start, section_stop), count in zip(sections, counts, strict=True):
+        found = _record_starts(buf, u8, section_start, section_stop, count)
         if found is None:
             return None
         starts.append(found)
@@ -207,22 +213,27 @@ def _decode_columns(
     # The records below `offset` are a prefix: offsets rise by one within a batch, and from
     # batch to batch.
     skip = sum(min(max(offset - h.base_offset, 0), h.record_count) for h in batches)
-    kept = total - skip
+    # ... and those from `stop` on a suffix.
+    last = batches[-1].last_offset
+    limit = last + 1 if stop is None else max(stop, offset)
+    tail = sum(min(max(h.last_offset + 1 - limit, 0), h.record_count) for h in batches)
+    kept = max(0, total - skip - tail)
+    cut = slice(skip, skip + kept)
     offsets: Iterable[int]
     if all(b.base_offset == a.last_offset + 1 for a, b in itertools.pairwise(batches)):
-        offsets = range(batches[-1].last_offset + 1 - kept, batches[-1].last_offset + 1)
+        offsets = range(last + 1 - tail - kept, last + 1 - tail)
     else:
         offsets = itertools.chain.from_iterable(
-            range(max(offset, h.base_offset), h.last_offset + 1)
+            range(max(offset, h.base_offset), min(h.last_offset + 1, limit))
             for h in batches
-            if h.last_offset >= offset
+            if h.last_offset >= offset and h.base_offset < limit
         )
     keys: Iterable[bytes | None]
     if keys_null and key_length.max() < 0:
         keys = itertools.repeat(None, kept)
     else:
-        keys = _slices(buf, key_start[skip:], key_length[skip:], keys_null)
-    values = _slices(buf, value_start[skip:], value_length[skip:], values_null)
+        keys = _slices(buf, key_start[cut], key_length[cut], keys_null)
+    values = _slices(buf, value_start[cut], value_length[cut], values_null)
     records = list(
         map(
             _new_tuple,
@@ -231,7 +242,7 @@ def _decode_columns(
                 itertools.repeat(topic, kept),
                 itertools.repeat(partition, kept),
                 offsets,
-                timestamps[skip:].tolist(),
+                timestamps[cut].tolist(),
                 keys,
                 values,
                 itertools.repeat((), kept),

@@ -765,8 +765,9 @@ class AsyncShareConsumer:
         records: list[Record] = []
         if part.record_batches:
             try:
+                stop = max(r[1] for r in ranges) + 1  # the batches may go on: not decoded
                 records, _last = decode_fetch(
-                    part.record_batches, part.topic, part.partition, first
+                    part.record_batches, part.topic, part.partition, first, stop
                 )
             except StorageError as e:
                 raise RiverlogError(
