@@ -92,6 +92,7 @@ POLL_TIMEOUT_MS = 200
 JOIN_POLL_MS = 50
 LATENCY_WORKERS = 4
 LATENCY_RATE_PER_S = 2_000
+LATENCY_RATE_MAX = 20_000
 # As bench/compare.py: a first GC threshold of 100,000 in every process, both systems alike.
 GC_THRESHOLD = (100_000, 50, 100)
 SEED = 20240601
@@ -745,6 +746,9 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, help="tasks per throughput run")
     parser.add_argument("--max-records", type=int, help=f"per fetch / COUNT ({MAX_RECORDS})")
     parser.add_argument("--repetitions", type=int, help="throughput runs per figure")
+    parser.add_argument(
+        "--latency-rate", type=int, help=f"tasks/s of the latency run ({LATENCY_RATE_PER_S:,})"
+    )
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
     if args.tasks is not None:
@@ -753,6 +757,8 @@ def main() -> int:
         s = replace(s, max_records=max(1, min(args.max_records, MAX_RECORDS_LIMIT)))
     if args.repetitions is not None:
         s = replace(s, repetitions=max(1, min(args.repetitions, REPETITIONS_MAX)))
+    if args.latency_rate is not None:
+        s = replace(s, latency_rate_per_s=max(1, min(args.latency_rate, LATENCY_RATE_MAX)))
 
     gc.set_threshold(*s.gc_threshold)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops servers
