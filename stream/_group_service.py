@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -170,22 +170,7 @@ class GroupsService:
         r = parse(groups_pb2.ResetOffsetsRequest, raw, context)
         self._group(Operation.READ, r.group_id)
         self._read_topics([r.topic])
-        kind = r.WhichOneof("to")
-        spec: ResetSpec
-        if kind == "earliest":
-            spec = ("earliest", 0)
-        elif kind == "latest":
-            spec = ("latest", 0)
-        elif kind == "timestamp_ms":
-            spec = ("timestamp", r.timestamp_ms)
-        elif kind == "offset":
-            spec = ("offset", r.offset)
-        elif kind == "shift_by":
-            spec = ("shift", r.shift_by)
-        else:
-            raise InvalidRequestError(
-                "reset to one of earliest, latest, timestamp_ms, offset, shift_by"
-            )
+        spec = reset_spec(r)
         changes = self.groups.reset_offsets(
             r.group_id, r.topic, list(r.partitions), spec, dry_run=r.dry_run
         )
@@ -195,6 +180,26 @@ class GroupsService:
             if c.previous is not None:
                 item.previous_offset = c.previous
         return out
+
+
+_RESET_KINDS: dict[str, Literal["earliest", "latest", "timestamp", "offset", "shift"]] = {
+    "earliest": "earliest",
+    "latest": "latest",
+    "timestamp_ms": "timestamp",
+    "offset": "offset",
+    "shift_by": "shift",
+}
+
+
+def reset_spec(request: Any) -> ResetSpec:
+    """The target of a reset request's `to` oneof (groups' and share groups' requests name
+    their fields alike; a share-group reset has no shift_by)."""
+    field = request.WhichOneof("to")
+    if field is None:
+        names = [f.name for f in request.DESCRIPTOR.oneofs_by_name["to"].fields]
+        raise InvalidRequestError(f"reset to one of {', '.join(names)}")
+    value = getattr(request, field)
+    return _RESET_KINDS[field], 0 if isinstance(value, bool) else value
 
 
 def _describe(info: GroupInfo) -> groups_pb2.DescribeGroupResponse:

@@ -54,6 +54,7 @@ from storage import (
 )
 
 from ._broker import Broker, FetchQuery, InvalidRequestError, OffsetQuery, UnknownPartitionError
+from ._groups import ResetSpec
 from ._headers import DELIVER_AT_HEADER, DLQ_HEADERS
 from .groups._coordinator import (
     GroupNotEmptyError,
@@ -459,7 +460,7 @@ class ShareGroupManager:
                     member.topics = wanted
             assert group is not None
             _check_not_dead_letter(group.settings, member.topics)
-            self._init_partitions(group, member.topics, now_ms)
+            self._init_partitions(group, member.topics)
             interval = min(HEARTBEAT_INTERVAL_MS_MAX, session_ms // 3)
             settings, seq = group.settings, self._seq
         self._sync(durable=True, upto=seq)  # new share-partitions: their start is durable
@@ -482,7 +483,7 @@ class ShareGroupManager:
         for tp, window in group.windows.items():
             if window.held_by(member.handle):
                 self._settle(group, tp, window.release_member(member.handle, now_ms), now_ms)
-        self._persist(group, group.windows.keys(), now_ms)
+        self._persist(group, group.windows.keys())
         group.wake_one()
 
     def expire(self) -> list[tuple[str, str]]:
@@ -514,7 +515,7 @@ class ShareGroupManager:
                 self._settle(group, tp, archived, now_ms)
                 changed = True
         if changed:
-            self._persist(group, tps, now_ms)
+            self._persist(group, tps)
             group.wake_one()
 
     # ------------------------------------------------------------------ fetch
@@ -608,22 +609,22 @@ class ShareGroupManager:
                 if left <= 0:
                     break
         if taken:
-            self._persist(group, [tp for tp, _r in taken], now_ms)
+            self._persist(group, [tp for tp, _r in taken])
         return taken
 
     def _fill(self, tp: TP, window: ShareWindow) -> None:
         """Extend the window over records appended since, as far as it has room."""
         try:
-            self._follow_log_start(*tp, window)
-            _start, end = self._broker.log_offsets(*tp)
+            end = self._follow_log_start(*tp, window)
         except StorageError:
             return  # the topic is going away; the listener drops the window
         up_to = min(end, window.end_offset + window.room())
         if up_to > window.end_offset:
             window.extend(up_to, self._deliver_at(tp[0], tp[1], window.end_offset, up_to))
 
-    def _follow_log_start(self, topic: str, partition: int, window: ShareWindow) -> None:
-        """Records below the log start are gone (retention): the window moves past them."""
+    def _follow_log_start(self, topic: str, partition: int, window: ShareWindow) -> int:
+        """Records below the log start are gone (retention): the window moves past them.
+        Returns the log end offset."""
         log_start, log_end = self._broker.log_offsets(topic, partition)
         if window.start_offset < log_start:
             archived = window.archived_total
@@ -639,6 +640,7 @@ class ShareGroupManager:
             window.archived_total = archived
         if window.end_offset > log_end:  # the log was truncated (a recovery cut it)
             window.reset(min(window.start_offset, log_end))
+        return log_end
 
     def _deliver_at(self, topic: str, partition: int, start: int, end: int) -> dict[int, int]:
         """Offsets in [start, end) whose record carries a valid deliver-at header, with it.
@@ -739,7 +741,7 @@ class ShareGroupManager:
                 refused += [_refusal(tp, r) for r in outcome.refused]
                 self._settle(group, tp, outcome.archived, now_ms)
                 touched.append(tp)
-            self._persist(group, touched, now_ms)
+            self._persist(group, touched)
             if touched:
                 group.wake_one()  # released records, or room in a window that moved on
             seq = self._seq
@@ -805,9 +807,8 @@ class ShareGroupManager:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def _persist(self, group: _Group, tps: Iterable[TP], now_ms: int) -> None:
+    def _persist(self, group: _Group, tps: Iterable[TP]) -> None:
         """Queue the windows' changes for the state log (under _lock; _sync writes them)."""
-        del now_ms
         for tp in tps:
             window = group.windows.get(tp)
             if window is None:
@@ -864,9 +865,8 @@ class ShareGroupManager:
             self._write_lock.release()
 
     # ------------------------------------------------------------------ partitions
-    def _init_partitions(self, group: _Group, topics: Iterable[str], now_ms: int) -> None:
+    def _init_partitions(self, group: _Group, topics: Iterable[str]) -> None:
         """Create the share-partitions of `topics` the group does not have yet."""
-        del now_ms
         counts = dict(self._broker.list_topics())
         for topic in sorted(topics):
             count = counts.get(topic, 0)
@@ -904,7 +904,7 @@ class ShareGroupManager:
         with self._lock:
             for group in self._groups.values():
                 if any(topic in m.topics for m in group.members.values()):
-                    self._init_partitions(group, [topic], now_ms)
+                    self._init_partitions(group, [topic])
                 group.wake()
         self._sync(durable=True)
 
@@ -1022,7 +1022,7 @@ class ShareGroupManager:
         group_id: str,
         topic: str,
         partitions: Sequence[int],
-        to: tuple[Literal["earliest", "latest", "timestamp", "offset"], int],
+        to: ResetSpec,
         *,
         dry_run: bool,
     ) -> list[ShareOffsetChange]:
@@ -1049,8 +1049,10 @@ class ShareGroupManager:
                 elif kind == "timestamp":
                     (r,) = self._broker.list_offsets([OffsetQuery(topic, p, "timestamp", value)])
                     new = log_end if r.offset is None else r.offset
-                else:
+                elif kind == "offset":
                     new = value
+                else:
+                    raise InvalidRequestError("a share group's start cannot be shifted")
                 window = group.windows.get((topic, p))
                 previous = None if window is None else window.start_offset
                 changes.append(ShareOffsetChange(p, previous, min(max(new, log_start), log_end)))

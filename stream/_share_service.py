@@ -8,6 +8,7 @@ from typing import Any, Literal
 import grpc
 
 from ._broker import InvalidRequestError
+from ._group_service import reset_spec
 from ._pb import share_pb2
 from ._rpc import encode_with_bytes, guarded, method_handlers, nest, parse
 from ._share import Ack, AckRefusal, ShareGroupInfo, ShareGroupManager, ShareSettings
@@ -205,18 +206,7 @@ class ShareService:
         r = parse(share_pb2.ResetShareGroupOffsetsRequest, raw, context)
         self._group(Operation.READ, r.group_id)
         self.guard.check(Operation.READ, ResourceType.TOPIC, r.topic)
-        kind = r.WhichOneof("to")
-        spec: tuple[Literal["earliest", "latest", "timestamp", "offset"], int]
-        if kind == "earliest":
-            spec = ("earliest", 0)
-        elif kind == "latest":
-            spec = ("latest", 0)
-        elif kind == "timestamp_ms":
-            spec = ("timestamp", r.timestamp_ms)
-        elif kind == "offset":
-            spec = ("offset", r.offset)
-        else:
-            raise InvalidRequestError("reset to one of earliest, latest, timestamp_ms, offset")
+        spec = reset_spec(r)
         changes = self.share.reset_offsets(
             r.group_id, r.topic, list(r.partitions), spec, dry_run=r.dry_run
         )
