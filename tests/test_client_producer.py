@@ -5,6 +5,7 @@ errors on the futures, retries, and the sync facade's threads."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from stream.client._producer import (
     Producer,
     _partitions_for_keys,
     _RecordFuture,
+    _settle,
 )
 
 # Upper bound on any wait in this file.
@@ -596,3 +598,46 @@ def test_record_future_is_a_concurrent_future() -> None:
     assert cancelled.cancel()
     with pytest.raises(cf.CancelledError):
         cancelled.result(WAIT_S)
+
+
+def test_a_settled_batch_gives_each_future_its_own_metadata() -> None:
+    # _settle makes no RecordMetadata; each future makes its own from the batch when asked.
+    condition = threading.Condition()
+    futures = [_RecordFuture(condition) for _ in range(4)]
+    assert futures[2].cancel()
+    seen: list[RecordMetadata] = []
+    futures[1].add_done_callback(lambda f: seen.append(f.result()))
+    waiting = threading.Thread(target=lambda: seen.append(futures[3].result(WAIT_S)))
+    waiting.start()
+    _settle(futures, ("t", 3, 100, [7, 8, 9, 10]))
+    waiting.join(WAIT_S)
+    assert futures[0].result(0) == RecordMetadata("t", 3, 100, 7)
+    assert futures[1].result(0) == RecordMetadata("t", 3, 101, 8)
+    assert futures[2].cancelled()  # a cancelled future stays cancelled
+    assert futures[3].result(0) == RecordMetadata("t", 3, 103, 10)
+    assert sorted(m.offset for m in seen) == [101, 103]
+    assert not cf.wait([futures[0], futures[1], futures[3]], timeout=0).not_done
+    unknown = [_RecordFuture(condition) for _ in range(2)]  # acks "none": offsets unknown
+    _settle(unknown, ("t", 0, -1, [5, 6]))
+    assert [f.result(0) for f in unknown] == [
+        RecordMetadata("t", 0, -1, 5),
+        RecordMetadata("t", 0, -1, 6),
+    ]
+    given = _RecordFuture(condition)  # set_result still works
+    given.set_result(RecordMetadata("u", 1, 2, 3))
+    assert given.result(0) == RecordMetadata("u", 1, 2, 3)
+
+
+def test_a_settled_future_is_one_object_for_the_garbage_collector() -> None:
+    # A caller holding millions of futures pays a full collection's walk for each object a
+    # future holds: settled, a future holds no object of its own (no dict, no metadata).
+    condition = threading.Condition()
+    futures = [_RecordFuture(condition) for _ in range(1000)]
+    _settle(futures, ("t", 0, 0, list(range(1000))))
+
+    def held(future: _RecordFuture) -> set[int]:
+        return {id(r) for r in gc.get_referents(future) if gc.is_tracked(r)}
+
+    # Whatever a settled future holds for the collector, its neighbours hold the same.
+    assert held(futures[500]) == held(futures[501]) == held(futures[0])
+    assert futures[500].result(0) == RecordMetadata("t", 0, 500, 500)

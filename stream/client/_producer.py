@@ -78,12 +78,13 @@ append a batch twice: delivery is at-least-once.
 
 Cost per 100-byte record (2 cores, Python 3.11, thread CPU): ~0.9 us in a sync `send`
 (1.2-1.6 us with the garbage collector's share), ~0.1 us to route a keyed one, ~0.4 us to
-encode (storage.encode_columns: records are kept as columns, no tuple each), ~0.2 us to
-settle its future (one pass per batch, `_settle`). A record's future is one object for the
-garbage collector (its lists are made on first use); still, the collector walks every future
-held (by the buffer and by the caller): a process that sends millions of records gains from
-a larger first threshold, `gc.set_threshold(100_000, 50, 100)` (bench/client_bench.py
---quick: 325,000 -> 467,000 records/s).
+encode (storage.encode_columns: records are kept as columns, no tuple each), under 0.1 us
+to settle its future (one pass per batch, `_settle`, no RecordMetadata made until asked).
+A record's future is one object for the garbage collector (its lists are made on first use,
+its fields are inline values, not a dict); still, the collector walks every future held (by
+the buffer and by the caller) in each full collection, about one per 70,000 records sent: a
+process that sends millions of records gains from a larger first threshold,
+`gc.set_threshold(100_000, 50, 100)`.
 Callbacks of a Producer's futures run on its loop thread: there, a call that would wait (a
 send that must wait, flush, close) raises RiverlogError instead of deadlocking.
 """
@@ -100,7 +101,6 @@ import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from operator import itemgetter
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -1311,23 +1311,17 @@ class AsyncProducer:
 
     # ------------------------------------------------------------------ outcomes
     def _resolve(self, batch: _Batch, base_offset: int) -> None:
-        # Per record: tuple.__new__ skips the NamedTuple's Python-level __new__ (half the
-        # cost), and a try costs nothing in 3.11 (contextlib.suppress would be a call).
         topic, partition = batch.topic, batch.partition
-        new, metadata = _new_tuple, RecordMetadata
-        step = 0 if base_offset < 0 else 1
         futures = batch.futures
         if futures and type(futures[0]) is _RecordFuture:
-            offsets = range(base_offset, base_offset + len(futures)) if step else repeat(-1)
-            _settle(
-                futures,  # type: ignore[arg-type]  # a Producer's futures, all _RecordFuture
-                [
-                    new(metadata, (topic, partition, offset, stamp))
-                    for offset, stamp in zip(offsets, batch.stamps, strict=False)
-                ],
-            )
+            # A Producer's futures make their RecordMetadata when asked (see _RecordFuture).
+            _settle(futures, (topic, partition, base_offset, batch.stamps))  # type: ignore[arg-type]
             self._finished(batch)
             return
+        # Per record: tuple.__new__ skips the NamedTuple's Python-level __new__ (half the
+        # cost), and a try costs nothing in 3.11 (contextlib.suppress would be a call).
+        new, metadata = _new_tuple, RecordMetadata
+        step = 0 if base_offset < 0 else 1
         offset = base_offset
         for future, stamp in zip(futures, batch.stamps, strict=True):
             try:  # noqa: SIM105
@@ -1488,14 +1482,42 @@ class _RecordFuture(concurrent.futures.Future[RecordMetadata]):
     # rest as class defaults until first set. The two lists are made on first use: a record's
     # future is then one object for the garbage collector, not three (its collections were
     # most of a sync send's cost while a producer held many futures).
-    _result: RecordMetadata | None = None
     _exception: BaseException | None = None
     _lazy_waiters: list[Any] | None = None
     _lazy_callbacks: list[Any] | None = None
+    # The result: given (set_result), or, for a record settled with its batch, made when
+    # asked from the batch's (topic, partition, base offset, timestamps) and the record's
+    # index. A RecordMetadata made per record at settle time is a tuple subclass, which the
+    # garbage collector never untracks: it doubled the objects every full collection walks
+    # while the caller holds its futures (bench/client_bench.py).
+    _given: RecordMetadata | None = None
+
+    _batch: tuple[str, int, int, list[int]] | None
+    _index: int
 
     def __init__(self, condition: threading.Condition) -> None:
+        # Every field settling writes is set here: CPython sizes an instance's inline
+        # attribute values by the fields __init__ sets, and a field beyond them turns the
+        # values into a dict, a second object per future for the collector.
         self._condition = condition
         self._state = _PENDING
+        self._batch = None
+        self._index = 0
+
+    @property
+    def _result(self) -> RecordMetadata | None:
+        batch = self._batch
+        if batch is None:
+            return self._given
+        topic, partition, base_offset, stamps = batch
+        i = self._index
+        offset = base_offset + i if base_offset >= 0 else -1
+        return _new_tuple(RecordMetadata, (topic, partition, offset, stamps[i]))
+
+    @_result.setter
+    def _result(self, value: RecordMetadata | None) -> None:
+        self._given = value
+        self._batch = None
 
     @property
     def _waiters(self) -> list[Any]:
@@ -1536,16 +1558,19 @@ class _RecordFuture(concurrent.futures.Future[RecordMetadata]):
 _SETTLEABLE = frozenset({_PENDING, "RUNNING"})
 
 
-def _settle(futures: list[_RecordFuture], results: list[RecordMetadata]) -> None:
+def _settle(futures: list[_RecordFuture], batch: tuple[str, int, int, list[int]]) -> None:
     """Resolve a batch's futures at once: what Future.set_result does for each, with their
-    shared condition taken once, and waiters and callbacks visited only where there are any
-    (1.25 us a record one by one, about 0.2 here). Cancelled futures stay cancelled."""
+    shared condition taken once, waiters and callbacks visited only where there are any, and
+    no RecordMetadata made until asked for (1.25 us a record one by one, under 0.1 us here).
+    `batch`: topic, partition, base offset (-1 when unknown: acks "none") and the records'
+    timestamps in order. Cancelled futures stay cancelled."""
     condition = futures[0]._condition
     watched: list[_RecordFuture] = []
     with condition:
-        for future, result in zip(futures, results, strict=True):
+        for index, future in enumerate(futures):
             if future._state in _SETTLEABLE:
-                future._result = result
+                future._batch = batch
+                future._index = index
                 future._state = _FINISHED
                 if future._lazy_waiters or future._lazy_callbacks:
                     watched.append(future)
