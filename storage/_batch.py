@@ -76,6 +76,8 @@ ATTRIBUTES_AT = struct.calcsize(">qiibI")
 LAST_OFFSET_DELTA_AT = ATTRIBUTES_AT + 2
 MAX_TIMESTAMP_AT = struct.calcsize(">qiibIhiq")
 assert HEADER_BYTES == 61
+# The smallest batchLength: a header and no records.
+_BATCH_LENGTH_MIN = HEADER_BYTES - LOG_OVERHEAD
 assert CRC_AT == 17
 assert ATTRIBUTES_AT == 21
 
@@ -87,6 +89,8 @@ _ATTR_CODEC_MASK = 0x07
 _ATTR_TIMESTAMP_TYPE = 0x08
 _ATTR_TRANSACTIONAL = 0x10
 _ATTR_CONTROL = 0x20
+# The highest codec id (Compression.ZSTD) as a plain int: `check_batch` runs once per batch.
+_CODEC_MAX = 4
 
 # A record needs at least 7 bytes: length, attributes, timestamp delta, offset delta, key
 # length, value length and header count, one byte each. Bounds decode loops on bad input.
@@ -104,6 +108,9 @@ class Compression(enum.IntEnum):
     SNAPPY = 2  # recognised and stored as-is by the broker; not encoded or decoded here
     LZ4 = 3
     ZSTD = 4
+
+
+assert max(Compression) == _CODEC_MAX
 
 
 class BatchHeader(NamedTuple):
@@ -168,6 +175,9 @@ class NewRecord(NamedTuple):
 Buffer = bytes | bytearray | memoryview
 
 
+_crc32c_of = _crc32c.crc32c  # bound once: `check_batch` calls it per batch
+
+
 def crc32c(data: Buffer) -> int:
     """CRC32C (Castagnoli) of `data`, as stored in the batch header."""
     return int(_crc32c.crc32c(data))
@@ -200,10 +210,9 @@ def check_batch(buf: Buffer, pos: int = 0, end: int | None = None) -> BatchHeade
     # 3 magic, 4 crc, 5 attributes, 6 lastOffsetDelta, 12 recordCount.
     length = fields[1]
     size = length + LOG_OVERHEAD
-    if length < HEADER_BYTES - LOG_OVERHEAD:
+    if length < _BATCH_LENGTH_MIN:
         raise CorruptBatchError(
-            f"batch length {length} at byte {pos} is below the minimum "
-            f"{HEADER_BYTES - LOG_OVERHEAD}"
+            f"batch length {length} at byte {pos} is below the minimum {_BATCH_LENGTH_MIN}"
         )
     if size > available:
         raise CorruptBatchError(
@@ -216,25 +225,27 @@ def check_batch(buf: Buffer, pos: int = 0, end: int | None = None) -> BatchHeade
         raise CorruptBatchError(
             f"record count {count} does not match last offset delta {fields[6]} at byte {pos}"
         )
-    if fields[5] & _ATTR_CODEC_MASK > Compression.ZSTD:
+    if fields[5] & _ATTR_CODEC_MASK > _CODEC_MAX:
         raise CorruptBatchError(
             f"unknown compression codec {fields[5] & _ATTR_CODEC_MASK} at byte {pos}"
         )
-    actual = _crc32c.crc32c(memoryview(buf)[pos + ATTRIBUTES_AT : pos + size])
+    actual = _crc32c_of(memoryview(buf)[pos + ATTRIBUTES_AT : pos + size])
     if actual != fields[4]:
         raise CorruptBatchError(
             f"CRC32C mismatch at byte {pos}: header says {fields[4]:#010x}, "
             f"bytes give {actual:#010x}"
         )
-    return BatchHeader._make(fields)
+    return _new_tuple(BatchHeader, fields)  # as BatchHeader._make, without its Python call
 
 
 def split_batches(buf: Buffer) -> list[BatchHeader]:
     """Validate one or more back-to-back batches filling `buf` exactly; return their headers."""
-    headers: list[BatchHeader] = []
-    pos, end = 0, len(buf)
+    end = len(buf)
     if end == 0:
         raise CorruptBatchError("empty payload: expected at least one record batch")
+    header = check_batch(buf, 0, end)
+    headers = [header]  # most payloads are one batch: no loop for them
+    pos = header[1] + LOG_OVERHEAD
     while pos < end:
         header = check_batch(buf, pos, end)
         headers.append(header)

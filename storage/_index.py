@@ -53,6 +53,7 @@ The log size and next offset let a segment known to be on disk notice that its .
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ assert _INDEXSUM_BODY.size == 40
 assert INDEXSUM_BYTES == 44
 # Index byte counts are stored as u32: index_bytes_max is at most 1 GiB (LogConfig).
 INDEX_BYTES_LIMIT = 2**32 - 1
+# madvise advice for a writable index's map (None where the platform has no madvise).
+_MADV_RANDOM: int | None = getattr(mmap, "MADV_RANDOM", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,11 @@ class _Index:
             if self._mm is not None and self.entries:
                 keys[: self.entries] = self._mm[self.key_field][: self.entries]
             self._keys = keys
+            if self._mm is not None and _MADV_RANDOM is not None:
+                # Appends store one entry at a time, so no read-around: without this advice
+                # the first store into a new segment's index read around it, in the first
+                # append (measured here: 1.3-30 ms for a fresh 10 MiB index, ~10 us with it).
+                self._mm._mmap.madvise(_MADV_RANDOM)  # type: ignore[attr-defined]
 
     @property
     def full(self) -> bool:
@@ -242,13 +250,15 @@ class _Index:
     def _put(self, key: int, value: int) -> None:
         # struct into the memmap's own buffer: a numpy structured-element store costs ~1.7 us,
         # this ~0.3 us, and it runs for most appended batches.
+        entries = self.entries
         assert self.writable
         assert self._mm is not None
         assert self._keys is not None
-        assert self.entries < self.capacity, f"{self.path}: index full"
-        self._entry.pack_into(self._mm._mmap, self.entries * self._entry.size, key, value)  # type: ignore[attr-defined]
-        self._keys[self.entries] = key
-        self.entries += 1
+        assert entries < self.capacity, f"{self.path}: index full"
+        entry = self._entry
+        entry.pack_into(self._mm._mmap, entries * entry.size, key, value)  # type: ignore[attr-defined]
+        self._keys[entries] = key
+        self.entries = entries + 1
 
     def trim(self) -> None:
         """Cut the file to its entries, flush it to disk and make the index read-only."""
@@ -282,26 +292,53 @@ class _Index:
         self._keys = None
 
 
+_OFFSET_ENTRY = struct.Struct(">II")
+_OFFSET_ENTRY_PACK_INTO = _OFFSET_ENTRY.pack_into
+assert _OFFSET_ENTRY.size == 8
+
+
 class OffsetIndex(_Index):
     dtype = OFFSET_ENTRY
-    _entry = struct.Struct(">II")
+    _entry = _OFFSET_ENTRY
     key_field = "relative_offset"
     key_native = np.uint32
 
     def append(self, relative_offset: int, position: int) -> None:
+        # `_put` inlined: this runs for most appended batches.
+        entries = self.entries
         assert 0 <= relative_offset <= RELATIVE_OFFSET_LIMIT
         assert 0 <= position < 2**32
-        self._put(relative_offset, position)
+        assert self.writable
+        assert self._mm is not None
+        assert self._keys is not None
+        assert entries < self.capacity, f"{self.path}: index full"
+        _OFFSET_ENTRY_PACK_INTO(self._mm._mmap, entries * 8, relative_offset, position)  # type: ignore[attr-defined]
+        self._keys[entries] = relative_offset
+        self.entries = entries + 1
 
     def lookup(self, relative_offset: int) -> tuple[int, int]:
         """The last entry at or before `relative_offset`, or (0, 0) (the segment's start)."""
+        rel, pos, _next = self.span(relative_offset)
+        return rel, pos
+
+    def span(self, relative_offset: int) -> tuple[int, int, int | None]:
+        """`lookup`, and the position of the entry after it (None if it is the last): the
+        batch holding `relative_offset` ends at or before that position.
+
+        Entries are read with struct from the map's buffer: a numpy element of a memmap
+        costs ~1.5 us (memmap.__getitem__ is Python), this ~0.2; it runs once per read."""
         keys = self._key_column()
         i = int(keys.searchsorted(np.uint32(relative_offset), side="right")) - 1
         if i < 0:
-            return 0, 0
+            if self._mm is None or self.entries == 0:  # unmapped: a trim that failed half-way
+                return 0, 0, None
+            return 0, 0, _OFFSET_ENTRY.unpack_from(self._mm._mmap, 0)[1]  # type: ignore[attr-defined]
         assert self._mm is not None
-        entry = self._mm[i]
-        return int(entry["relative_offset"]), int(entry["position"])
+        buffer = self._mm._mmap  # type: ignore[attr-defined]
+        rel, pos = _OFFSET_ENTRY.unpack_from(buffer, i * 8)
+        if i + 1 < self.entries:
+            return rel, pos, _OFFSET_ENTRY.unpack_from(buffer, i * 8 + 8)[1]
+        return rel, pos, None
 
     def last(self) -> tuple[int, int]:
         if self.entries == 0:

@@ -87,7 +87,7 @@ import threading
 from typing import NamedTuple
 
 from . import _disk
-from ._batch import BatchHeader, split_batches
+from ._batch import LOG_OVERHEAD, BatchHeader, split_batches
 from ._config import BATCH_BYTES_MAX_LIMIT, SEGMENT_BYTES_LIMIT, FsyncPolicy, LogConfig
 from ._errors import (
     CorruptBatchError,
@@ -137,6 +137,10 @@ SEALED_FLUSHES_PENDING_MAX = 4
 # Producer-state snapshots kept: the newest, and one to fall back on if it is damaged.
 SNAPSHOTS_KEPT = 2
 assert max(SEGMENT_BYTES_LIMIT, APPEND_BYTES_MAX) < 2**32
+# For the per-append policy test: module constants, not enum attribute lookups.
+_FSYNC_ALWAYS = FsyncPolicy.ALWAYS
+_FSYNC_NEVER = FsyncPolicy.NEVER
+_new_tuple = tuple.__new__
 
 
 class AppendResult(NamedTuple):
@@ -616,9 +620,44 @@ class PartitionLog:
         if headers is None:
             headers = self.check(view)
         with self._lock:
-            self._check_writable()
+            if self._closed or self._offline is not None:  # `_check_writable`, one test here
+                self._check_writable()
+            # Runs once per append, so shaped for speed (one frame, no `_append_locked`):
+            # header fields by index (6 lastOffsetDelta, 8 maxTimestamp, 9 producerId), the
+            # result built with tuple.__new__ (AppendResult's own __new__ is a Python call).
+            # `check` saw to it that an idempotent batch comes alone.
             try:
-                return self._append_locked(view, headers, now_ms)
+                active = self._segments[-1]
+                base = active.next_offset
+                config = self.config
+                if len(headers) == 1:
+                    header = headers[0]
+                    last = base + header[6]
+                    newest_ms = header[8]
+                    producer_id = header[9]
+                    if producer_id >= 0:
+                        original = self._producers.check(header, config.producers_max)
+                        if original is not None:
+                            return _new_tuple(
+                                AppendResult, (original[2], original[3], original[4], True)
+                            )
+                else:
+                    last = base + sum(h[6] + 1 for h in headers) - 1
+                    newest_ms = max(h[8] for h in headers)
+                    producer_id = -1
+                if not active.takes(len(view), last, newest_ms, config.segment_ms):
+                    active = self._roll_locked()
+                active.append(view, headers)
+                if producer_id >= 0:  # in the log now, even if an fsync below fails
+                    self._producers.update(headers[0], base, now_ms)
+                self._dirty = True
+                policy = config.fsync
+                if policy is not _FSYNC_NEVER:
+                    if policy is _FSYNC_ALWAYS:
+                        self._flush_locked(now_ms)
+                    else:
+                        self._flush_if_due_locked(now_ms)
+                return _new_tuple(AppendResult, (base, last, now_ms, False))
             except FsyncError as e:
                 raise self._take_offline(e) from e
 
@@ -636,59 +675,14 @@ class PartitionLog:
             )
         limit = self.config.batch_bytes_max
         for header in headers:
-            if header.size > limit:
+            # 1 batchLength, 9 producerId: by index, as `header.size` is a Python-level call.
+            if header[1] + LOG_OVERHEAD > limit:
                 raise LimitExceededError(
                     f"batch of {header.size} bytes exceeds batch_bytes_max {limit}"
                 )
-            if header[9] >= 0:  # producerId: an idempotent batch
+            if header[9] >= 0:  # an idempotent batch
                 _check_producer_fields(header, len(headers))
         return headers
-
-    def _append_locked(
-        self, view: memoryview, headers: list[BatchHeader], now_ms: int
-    ) -> AppendResult:
-        active = self._segments[-1]
-        base = active.next_offset
-        # Header fields by index (6 lastOffsetDelta, 8 maxTimestamp, 9 producerId): this
-        # runs per append. `check` saw to it that an idempotent batch comes alone.
-        if len(headers) == 1:
-            header = headers[0]
-            last = base + header[6]
-            newest_ms = header[8]
-            producer_id = header[9]
-            if producer_id >= 0:
-                original = self._producers.check(header, self.config.producers_max)
-                if original is not None:
-                    return AppendResult(original[2], original[3], original[4], True)
-        else:
-            last = base + sum(h[6] + 1 for h in headers) - 1
-            newest_ms = max(h[8] for h in headers)
-            producer_id = -1
-        if active.sealed or not active.room_for(len(view), last) or self._aged(active, newest_ms):
-            active = self._roll_locked()
-        active.append(view, headers)
-        if producer_id >= 0:  # in the log now, even if an fsync below fails
-            self._producers.update(headers[0], base, now_ms)
-        self._dirty = True
-        policy = self.config.fsync
-        if policy == FsyncPolicy.ALWAYS:
-            self._flush_locked(now_ms)
-        elif policy == FsyncPolicy.INTERVAL:
-            self._flush_if_due_locked(now_ms)
-        return AppendResult(base, last, now_ms)
-
-    def _aged(self, seg: Segment, newest_ms: int) -> bool:
-        """Whether the incoming batches (newest record at `newest_ms`) are `segment_ms` later
-        than the segment's first batch.
-
-        Record time against record time, as Kafka's `LogSegment.shouldRoll` does, never the
-        broker's clock against a record's time: records stamped in the past (a replay, a
-        mirror) would otherwise roll a new segment on every append.
-        """
-        age_limit = self.config.segment_ms
-        if age_limit is None or seg.size == 0 or seg.first_timestamp is None:
-            return False
-        return newest_ms - seg.first_timestamp >= age_limit
 
     # ------------------------------------------------------------------ roll
     def roll(self) -> None:

@@ -82,7 +82,7 @@ READ_AHEAD_BYTES = 64 * 1024
 # baseTimestamp, maxTimestamp: what walking the log needs from each header.
 _PREFIX = struct.Struct(">qiibIhiqq")
 _PREFIX_BYTES = _PREFIX.size
-_BASE_OFFSET = struct.Struct(">q")
+_pack_base_offset = struct.Struct(">q").pack
 # The smallest batchLength a header can hold (a header and no records): anything less in a
 # header walked over is damage, and would move a walk backwards.
 _BATCH_LENGTH_MIN = HEADER_BYTES - LOG_OVERHEAD
@@ -129,6 +129,9 @@ class Segment:
         # Max timestamp of the first batch: segment age for `segment_ms` counts from it.
         self.first_timestamp: int | None = None
         self.bytes_since_index = 0
+        # Read per append (a segment's config never changes).
+        self.segment_bytes = config.segment_bytes
+        self.index_interval_bytes = config.index_interval_bytes
         self.sealed = False
         # Bytes [verified_prefix, unverified_end) have not been checked by anyone yet: what
         # `open_trusted` took on trust. Reads check them (see the module docstring).
@@ -412,19 +415,34 @@ class Segment:
                 view.release()
 
     # ------------------------------------------------------------------ appending
-    def room_for(self, payload_bytes: int, last_offset: int) -> bool:
-        """Whether a payload fits without rolling (size, index space, u32 offsets)."""
-        if last_offset - self.base_offset > RELATIVE_OFFSET_LIMIT:
+    def takes(
+        self, payload_bytes: int, last_offset: int, newest_ms: int, segment_ms: int | None
+    ) -> bool:
+        """Whether an append (its batches' last offset and newest record timestamp) goes into
+        this segment rather than a new one: the segment is not sealed, the payload fits
+        (size, index space, u32 offsets), and it is not aged: the newest record is less than
+        `segment_ms` later than the segment's first batch (None: no age limit).
+
+        Age is record time against record time, as Kafka's `LogSegment.shouldRoll` does,
+        never the broker's clock against a record's time: records stamped in the past (a
+        replay, a mirror) would otherwise roll a new segment on every append.
+
+        Every roll condition in one call, as it runs once per append."""
+        if self.sealed or last_offset - self.base_offset > RELATIVE_OFFSET_LIMIT:
             return False
-        if self.size == 0:
+        size = self.size
+        if size == 0:  # anything goes into an empty segment, and it has no age yet
             return True
         # `full` inlined: entries >= capacity - 1 (one slot kept for the seal entry).
         offsets, times = self.offset_index, self.time_index
-        return (
-            self.size + payload_bytes <= self.config.segment_bytes
-            and offsets.entries < offsets.capacity - 1
-            and times.entries < times.capacity - 1
-        )
+        if (
+            size + payload_bytes > self.segment_bytes
+            or offsets.entries >= offsets.capacity - 1
+            or times.entries >= times.capacity - 1
+        ):
+            return False
+        first = self.first_timestamp
+        return segment_ms is None or first is None or newest_ms - first < segment_ms
 
     def append(self, payload: memoryview, headers: list[BatchHeader]) -> None:
         """Write `headers`' batches (back to back in `payload`) with offsets from next_offset.
@@ -437,17 +455,21 @@ class Segment:
             raise StorageError(f"{len(headers)} batches in one append; at most {IOVECS_MAX // 2}")
         # Header fields by index on this per-batch path: 1 batchLength, 6 lastOffsetDelta,
         # 8 maxTimestamp.
-        iov: list[bytes | memoryview] = []
-        offset = self.next_offset
-        pos = 0
-        pack = _BASE_OFFSET.pack
-        for header in headers:
-            size = header[1] + LOG_OVERHEAD
-            iov.append(pack(offset))
-            iov.append(payload[pos + 8 : pos + size])
-            offset += header[6] + 1
-            pos += size
-        total = pos
+        one = len(headers) == 1
+        if one:  # the common case, without the loop
+            total = headers[0][1] + LOG_OVERHEAD
+            iov: list[bytes | memoryview] = [_pack_base_offset(self.next_offset), payload[8:total]]
+        else:
+            iov = []
+            offset = self.next_offset
+            pos = 0
+            for header in headers:
+                size = header[1] + LOG_OVERHEAD
+                iov.append(_pack_base_offset(offset))
+                iov.append(payload[pos + 8 : pos + size])
+                offset += header[6] + 1
+                pos += size
+            total = pos
         start = self.size
         disk = _disk.disk
         try:
@@ -463,27 +485,51 @@ class Segment:
                     f"no space left on device writing {total} bytes to {self.log_path}"
                 ) from e
             raise StorageError(f"write to {self.log_path} failed: {e}") from e
-        pos = start
-        offset = self.next_offset
-        for header in headers:
-            size = header[1] + LOG_OVERHEAD
-            self._account(offset, header[6], size, header[8], pos)
-            offset += header[6] + 1
-            pos += size
+        if one:  # `_account` inlined: the same steps, for the one batch written at `start`
+            header = headers[0]
+            base_offset = self.next_offset
+            max_timestamp = header[8]
+            since = self.bytes_since_index
+            if since >= self.index_interval_bytes:
+                offsets = self.offset_index
+                if offsets.entries < offsets.capacity - 1:  # not `offsets.full`
+                    rel = base_offset - self.base_offset
+                    offsets.append(rel, start)
+                    newest = self.max_timestamp
+                    times = self.time_index
+                    if (
+                        newest is not None
+                        and times.entries < times.capacity - 1  # not `times.full`
+                        and (times.last_timestamp is None or newest > times.last_timestamp)
+                    ):
+                        times.append(newest, rel)
+                    since = 0
+            self.bytes_since_index = since + total
+            if self.first_timestamp is None:
+                self.first_timestamp = max_timestamp
+            newest = self.max_timestamp
+            if newest is None or max_timestamp > newest:
+                self.max_timestamp = max_timestamp
+            self.next_offset = base_offset + header[6] + 1
+        else:
+            pos = start
+            offset = self.next_offset
+            for header in headers:
+                size = header[1] + LOG_OVERHEAD
+                self._account(offset, header[6], size, header[8], pos)
+                offset += header[6] + 1
+                pos += size
         self.size = start + total
 
     def _account(
         self, base_offset: int, last_offset_delta: int, size: int, max_timestamp: int, pos: int
     ) -> None:
         """Index bookkeeping for one batch written at `pos` (also the recovery scan's)."""
-        # `room_for` rolls on a full index only between appends; the batches of one append
+        # `takes` refuses a full index only between appends; the batches of one append
         # (or a scan under a smaller index_bytes_max) can fill it, and then the rest of the
         # segment goes unindexed: lookups walk further, and the time index keeps the slot
         # its seal needs.
-        if (
-            self.bytes_since_index >= self.config.index_interval_bytes
-            and not self.offset_index.full
-        ):
+        if self.bytes_since_index >= self.index_interval_bytes and not self.offset_index.full:
             rel = base_offset - self.base_offset
             self.offset_index.append(rel, pos)
             newest = self.max_timestamp
@@ -512,12 +558,20 @@ class Segment:
 
         Batches no one has checked yet are checked first (see the module docstring): the read
         ends before a bad one, or raises CorruptLogError if the first batch is bad."""
-        rel, pos = self.offset_index.lookup(offset - self.base_offset)
+        rel, pos, bound = self.offset_index.span(offset - self.base_offset)
         expected = self.base_offset + rel  # the base offset of the batch at `pos`
         end = self.size
         chunk_at = pos
         pread = _disk.disk.pread
-        chunk = pread(self.fd, min(end - pos, max_bytes + READ_AHEAD_BYTES), pos)
+        want = min(end - pos, max_bytes + READ_AHEAD_BYTES)
+        if bound is not None and bound > pos:
+            # The batch holding `offset` ends at or before the next index entry (`bound`),
+            # and a batch after it joins only within max_bytes of its start (which is at
+            # least HEADER_BYTES before `bound`): no need to read further. A one-batch read
+            # then gets exactly its batch, returned without a copy. (A wrong index only
+            # costs the second pread below.)
+            want = min(want, bound - pos + max(0, max_bytes - HEADER_BYTES))
+        chunk = pread(self.fd, want, pos)
         # Find the batch holding `offset`.
         while True:
             head = self._prefix_in(chunk, chunk_at, pos)
