@@ -13,7 +13,12 @@ What each figure measures (MB = 10**6 bytes):
       rolls inside the timed loop, and a roll fdatasyncs the sealed segment).
   raw_write_MBps
       a plain `os.write` loop of the same bytes to a plain file in the same directory: the
-      most the page cache takes from one Python thread. Append and raw runs alternate
+      most the page cache takes from one Python thread.
+  crc_write_MBps / crc_write_vs_raw_write
+      a loop of only the work an append cannot avoid: CRC32C of each batch from byte 21 (the
+      check against the batch's stored CRC is one int comparison) and one `os.pwritev` of
+      an 8-byte baseOffset plus the batch from byte 8, to a plain file: the ceiling a
+      CRC-checking append can reach in Python. Raw, crc-write and append runs alternate
       (best of `append_rounds` each) and every run starts from an empty directory.
   fsync_always_appends_per_s
       one-record appends with fsync `always`; for context, `os.write` + `os.fdatasync`.
@@ -44,6 +49,7 @@ import os
 import random
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -52,6 +58,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import crc32c
 import numpy as np
 from _common import (
     MB,
@@ -82,6 +89,12 @@ BATCH_PROBE_RECORDS = 500
 STALL_NS = 10_000_000
 # Checked once per this many loop iterations against the time limit.
 DEADLINE_CHECK_EVERY = 256
+# The crc-write loop's header fields (RecordBatch v2): the CRC32C stored at byte 17 covers
+# bytes 21 (attributes) to the end; the 8-byte baseOffset at byte 0 is written per batch.
+CRC_AT = 17
+CRC_FROM = 21
+CRC_FIELD = struct.Struct(">I")
+BASE_OFFSET = struct.Struct(">q")
 # Random reads checked (untimed) to return the batch holding the offset.
 READS_VERIFIED = 100
 # Printed column widths: settings labels, then figure names and values, the estimates lined up
@@ -160,6 +173,10 @@ ESTIMATES: dict[str, tuple[float, str]] = {
         "(quick: 128 MiB) inline, ~1 s at a guessed 1 GB/s disk",
     ),
     "append_vs_raw_write": (0.35, "~0.6 without the roll's fdatasync; with it ~0.35"),
+    "crc_write_vs_raw_write": (
+        0.85,
+        "(added later, from a measured loop) CRC ~3 us on a ~21.5 us write, one pwritev",
+    ),
     "append_records_per_s": (8.5e6, "~600 records per 64 KiB batch"),
     "fsync_always_appends_per_s": (500.0, "one ext4 journal commit per append, ~2 ms"),
     "fsync_vs_raw_fdatasync": (0.95, "Python's ~15 us is small next to the fdatasync"),
@@ -294,6 +311,34 @@ def raw_write_run(directory: str, batches: list[bytes], calls: int, seconds_max:
     return Run(seconds, sum(len(batches[i % n]) for i in range(done)), done, slowest, stalls)
 
 
+def crc_write_run(directory: str, batches: list[bytes], calls: int, seconds_max: float) -> Run:
+    """The unavoidable work of an append (see the module docstring), nothing else."""
+    fd = os.open(os.path.join(directory, "crc-write.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    n = len(batches)
+    views = [memoryview(b) for b in batches]
+    stored = [CRC_FIELD.unpack_from(b, CRC_AT)[0] for b in batches]
+    records = [storage.read_header(b).record_count for b in batches]
+    crc, pwritev, pack = crc32c.crc32c, os.pwritev, BASE_OFFSET.pack
+    offset = position = 0
+
+    def write(i: int) -> None:
+        nonlocal offset, position
+        view = views[i % n]
+        if crc(view[CRC_FROM:]) != stored[i % n]:
+            raise RuntimeError(f"CRC32C mismatch in batch {i % n}")
+        size = len(view)
+        if pwritev(fd, [pack(offset), view[8:]], position) != size:
+            raise OSError(f"short write of {size} bytes")
+        offset += records[i % n]
+        position += size
+
+    try:
+        done, seconds, slowest, stalls = timed_loop(write, calls, seconds_max)
+    finally:
+        os.close(fd)
+    return Run(seconds, sum(len(batches[i % n]) for i in range(done)), done, slowest, stalls)
+
+
 def append_run(
     directory: str,
     batches: list[bytes],
@@ -320,6 +365,7 @@ def append_run(
 @dataclass(frozen=True, slots=True)
 class AppendBench:
     raw: list[Run]
+    crc_write: list[Run]
     append: list[Run]
     segments: int
     log_end_offset: int
@@ -328,17 +374,18 @@ class AppendBench:
 def bench_append(
     root: str, s: Settings, batches: list[bytes], now_ms: int, opened: list[PartitionLog]
 ) -> tuple[AppendBench, PartitionLog]:
-    """Alternate raw and append runs (R A, A R, R A, ...), the last one an append whose log
-    is kept open for the read benchmark."""
+    """Alternate raw, crc-write and append runs (R C A, A C R, R C A, ...), the last one an
+    append whose log is kept open for the read benchmark."""
     calls = s.append_total_bytes // BATCH_BYTES
     config = LogConfig(segment_bytes=s.segment_bytes, fsync=FsyncPolicy.NEVER)
     work = os.path.join(root, "append")
     raws: list[Run] = []
+    crc_writes: list[Run] = []
     appends: list[Run] = []
     kept: PartitionLog | None = None
     order: list[str] = []
     for r in range(s.append_rounds):
-        order += ["raw", "append"] if r % 2 == 0 else ["append", "raw"]
+        order += ["raw", "crc_write", "append"] if r % 2 == 0 else ["append", "crc_write", "raw"]
     if order[-1] != "append":
         order.append("append")
     # Untimed: the first run after boot pays for the VM touching fresh guest memory (seen:
@@ -346,9 +393,11 @@ def bench_append(
     clear_dir(work)
     raw_write_run(work, batches, calls, s.append_seconds_max)
     clear_dir(work)
+    crc_write_run(work, batches, calls, s.append_seconds_max)
+    clear_dir(work)
     _, warm = append_run(work, batches, calls, s.append_seconds_max, config, now_ms)
     warm.abandon()
-    print("  warm-up: one raw run and one append run, untimed", flush=True)
+    print("  warm-up: one raw, one crc-write and one append run, untimed", flush=True)
     for kind in order:
         if kept is not None:
             kept.abandon()  # a clean close would fdatasync the active segment: untimed waste
@@ -357,18 +406,21 @@ def bench_append(
         clear_dir(work)
         if kind == "raw":
             raws.append(raw_write_run(work, batches, calls, s.append_seconds_max))
-            print(f"  raw    run {len(raws)}: {raws[-1].mbps:8.1f} MB/s", flush=True)
+            print(f"  raw       run {len(raws)}: {raws[-1].mbps:8.1f} MB/s", flush=True)
+        elif kind == "crc_write":
+            crc_writes.append(crc_write_run(work, batches, calls, s.append_seconds_max))
+            print(f"  crc-write run {len(crc_writes)}: {crc_writes[-1].mbps:8.1f} MB/s", flush=True)
         else:
             run, kept = append_run(work, batches, calls, s.append_seconds_max, config, now_ms)
             opened.append(kept)
             appends.append(run)
             print(
-                f"  append run {len(appends)}: {run.mbps:8.1f} MB/s "
+                f"  append    run {len(appends)}: {run.mbps:8.1f} MB/s "
                 f"(slowest append {run.slowest_call_s * 1e3:.0f} ms)",
                 flush=True,
             )
     assert kept is not None
-    return AppendBench(raws, appends, kept.segment_count, kept.log_end_offset), kept
+    return AppendBench(raws, crc_writes, appends, kept.segment_count, kept.log_end_offset), kept
 
 
 # ---------------------------------------------------------------------------- 2. fsync
@@ -578,12 +630,16 @@ def main(argv: list[str] | None = None) -> int:
                 plog.abandon()
 
     raw = max(appended.raw, key=lambda r: r.mbps)
+    crc_write = max(appended.crc_write, key=lambda r: r.mbps)
     app = max(appended.append, key=lambda r: r.mbps)
     ratio = app.mbps / raw.mbps
+    crc_ratio = crc_write.mbps / raw.mbps
     # Each round's append against the raw run beside it: less exposed to one lucky run.
     rounds = zip(appended.raw, appended.append[: len(appended.raw)], strict=True)
     pair_ratios = sorted(a.mbps / r.mbps for r, a in rounds)
     pair_median = statistics.median(pair_ratios)
+    crc_rounds = zip(appended.raw, appended.crc_write, strict=True)
+    crc_pair_ratios = sorted(c.mbps / r.mbps for r, c in crc_rounds)
     fsync_log, fsync_raw = max(fsync_logs), max(fsync_raws)
     rec_s = min(rec.seconds)
     rec_mbps = rec.log_bytes / rec_s / MB
@@ -598,6 +654,17 @@ def main(argv: list[str] | None = None) -> int:
     line("append_MBps", app.mbps, "MB/s", f"  runs {[round(r.mbps) for r in appended.append]}")
     line("append_vs_raw_write", ratio, "x")
     print(f"    per-round ratios {[round(x, 3) for x in pair_ratios]}, median {pair_median:.3f}")
+    line(
+        "crc_write_MBps",
+        crc_write.mbps,
+        "MB/s",
+        f"  runs {[round(r.mbps) for r in appended.crc_write]}",
+    )
+    line("crc_write_vs_raw_write", crc_ratio, "x")
+    print(
+        f"    per-round ratios {[round(x, 3) for x in crc_pair_ratios]}; append against it: "
+        f"{app.mbps / crc_write.mbps:.3f} (best runs)"
+    )
     line("append_records_per_s", append_rps, "records/s")
     print(
         f"    append log: {appended.segments} segments, {appended.log_end_offset:,} records; "
@@ -646,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         "append_records_per_s": round(append_rps),
         "append_vs_raw_write_median_round": round(pair_median, 4),
         "append_MBps_without_stalls": round(app.mbps_without_stalls, 1),
+        "crc_write_vs_raw_write": round(crc_ratio, 4),
+        "crc_write_MBps": round(crc_write.mbps, 1),
         "fsync_always_appends_per_s": round(fsync_log, 1),
         "raw_fdatasync_writes_per_s": round(fsync_raw, 1),
         "random_reads_per_s": round(reads_per_s),
