@@ -34,9 +34,11 @@ from stream.client._base import (
 from stream.client._producer import (
     AsyncProducer,
     Producer,
+    _Batch,
     _partitions_for_keys,
     _RecordFuture,
     _settle,
+    _Topic,
 )
 
 # Upper bound on any wait in this file.
@@ -293,6 +295,8 @@ def test_unknown_topic_and_partition_fail_the_future(
             producer.send("known", VALUE, timestamp_ms=-1).result(WAIT_S)
         with pytest.raises(TypeError, match="value must be bytes"):
             producer.send("known", "text")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="key must be bytes"):
+            producer.send("known", VALUE, key="text")  # type: ignore[arg-type]
         assert producer.send("known", VALUE, partition=1).result(WAIT_S).partition == 1
 
 
@@ -641,3 +645,99 @@ def test_a_settled_future_is_one_object_for_the_garbage_collector() -> None:
     # Whatever a settled future holds for the collector, its neighbours hold the same.
     assert held(futures[500]) == held(futures[501]) == held(futures[0])
     assert futures[500].result(0) == RecordMetadata("t", 0, 500, 500)
+
+
+class _NoLoop:
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        pass
+
+
+def _unstarted(topic: str, partitions: int, **settings: Any) -> Producer:
+    """A Producer without a loop thread or a broker whose core knows `topic`: its batches
+    fill and seal, and nothing sends them."""
+    core = AsyncProducer("127.0.0.1:1", **settings)
+    core._loop = _NoLoop()  # type: ignore[assignment]
+    core._topics[topic] = _Topic(partitions, 0, open=[None] * partitions)
+    producer = Producer.__new__(Producer)
+    producer._core = core
+    producer._futures_condition = threading.Condition()
+    return producer
+
+
+def _batches(producer: Producer) -> list[tuple[Any, ...]]:
+    core = producer._core
+    every: list[_Batch] = [*core._ready, *core._open.values()]
+    return sorted(
+        (b.seq, b.partition, b.keys, b.values, b.headers, b.size, b.solo, len(b.futures))
+        for b in every
+    )
+
+
+def test_the_inline_send_path_fills_batches_as_append_does() -> None:
+    # Producer.send handles the common record inline and leaves the rest to _append: the two
+    # must leave the same batches (records, sizes, sealing) and buffer accounting.
+    for partitions in (1, 3):
+        records: list[tuple[bytes | None, bytes | None, dict[str, Any]]] = []
+        for i in range(3000):
+            key = None if i % 7 == 0 else b"k%d" % (i % 11)
+            value = None if i % 97 == 0 else b"v" * (i % 300)
+            extra: dict[str, Any] = {}
+            if i % 41 == 0:
+                extra["headers"] = [("h", b"x")]
+            elif i % 53 == 0:
+                extra["partition"] = i % partitions
+            elif i % 59 == 0:
+                extra["timestamp_ms"] = 5
+            records.append((key, value, extra))
+        inline = _unstarted("t", partitions, batch_bytes=4_000, buffer_bytes_max=1 << 30)
+        general = _unstarted("t", partitions, batch_bytes=4_000, buffer_bytes_max=1 << 30)
+        for key, value, extra in records:
+            inline.send("t", value, key=key, **extra)
+            code = general._core._append(
+                "t",
+                value,
+                key,
+                extra.get("headers"),
+                extra.get("partition"),
+                extra.get("timestamp_ms"),
+                _RecordFuture(general._futures_condition),
+                False,
+            )
+            assert code in (0, 1)
+        assert _batches(inline) == _batches(general)
+        assert inline._core._buffered_bytes == general._core._buffered_bytes
+        assert inline._core._unfinished == general._core._unfinished
+
+
+def test_the_inline_send_path_keeps_the_bounds() -> None:
+    producer = _unstarted("t", 2, batch_bytes=1_000, buffer_bytes_max=1_000, send_timeout_ms=0)
+    core = producer._core
+    producer.send("t", b"v" * 400, key=b"k")  # opens the keyed batch
+    producer.send("t", b"v" * 400, key=b"k")  # inline: 826 of 1,000 bytes
+    assert core._buffered_bytes == 826
+    with pytest.raises(TypeError, match="key must be bytes"):
+        producer.send("t", b"v", key=bytearray(b"k"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="value must be bytes"):
+        producer.send("t", memoryview(b"v"), key=b"k")  # type: ignore[arg-type]
+    # No room: the slow path (a loop thread, here none) would wait for space; the inline path
+    # must not take the record.
+    core._space_waiters = 1
+    assert (
+        core._append(
+            "t", b"v", b"k", None, None, None, _RecordFuture(producer._futures_condition), False
+        )
+        == 4
+    )
+    core._space_waiters = 0
+    core._topics["t"].stale = True  # a NOT_FOUND answer: the topic is described again
+    assert (
+        core._append(
+            "t", b"v", b"k", None, None, None, _RecordFuture(producer._futures_condition), False
+        )
+        == 2
+    )
+    core._topics["t"].stale = False
+    core._closing = True
+    with pytest.raises(RiverlogError, match="closed"):
+        producer.send("t", b"v", key=b"k")
+    assert core._buffered_bytes == 826
