@@ -7,8 +7,9 @@ the same records into RecordBatch v2 batches without sending them), then `Produc
 every record (acks leader, default linger and batch size) until `flush` returns -- once with
 idempotence off (the baseline of its cost) and once with the default, idempotent, producer --
 then a `Consumer` assigned every partition reading the idempotent run's records back from the
-beginning. One more idempotent run times the garbage-collector thresholds the README suggests
-for such a producer. The broker runs as a separate process (its own GIL), on loopback.
+beginning. Two more idempotent runs time the garbage-collector thresholds the README suggests
+for such a producer, and the collector off (as a second consume does): what the collector
+costs, by difference. The broker runs as a separate process (its own GIL), on loopback.
 Targets (the client issue): produce >= 500,000 records/s, consume >= 1,000,000 records/s.
 The last line is one JSON object.
 """
@@ -21,6 +22,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from _common import (
@@ -59,6 +62,16 @@ class Settings:
 
 FULL = Settings(records=1_000_000)
 QUICK = Settings(records=200_000)
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    """The garbage collector off for a run (what the default-gc runs pay it, by difference)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def make_records(s: Settings) -> list[tuple[bytes, bytes]]:
@@ -170,10 +183,24 @@ def main() -> int:
             f"produce with gc.set_threshold{GC_THRESHOLD}: {tuned:,.0f} records/s "
             f"({tuned / produced:.2f} of the default-gc run)"
         )
+        with collector_off():
+            with Admin(broker.address) as admin:
+                admin.create_topic("bench-nogc", PARTITIONS)
+            unswept = produce(broker.address, "bench-nogc", records)
+        print(
+            f"produce with the collector off: {unswept:,.0f} records/s "
+            f"({unswept / produced:.2f} of the default-gc run)"
+        )
         consumed = consume(broker.address, "bench", s.records)
         print(
             f"consume: {consumed:,.0f} records/s, target {CONSUME_TARGET:,}: "
             f"{'PASS' if consumed >= CONSUME_TARGET else 'MISS'}"
+        )
+        with collector_off():
+            consumed_unswept = consume(broker.address, "bench", s.records)
+        print(
+            f"consume with the collector off: {consumed_unswept:,.0f} records/s "
+            f"({consumed_unswept / consumed:.2f} of the default-gc run)"
         )
     finally:
         stop_child(broker)
@@ -191,6 +218,8 @@ def main() -> int:
                 "idempotent_vs_non_idempotent": round(produced / plain, 3),
                 "produce_gc_threshold_records_per_s": round(tuned),
                 "gc_threshold": list(GC_THRESHOLD),
+                "produce_gc_off_records_per_s": round(unswept),
+                "consume_gc_off_records_per_s": round(consumed_unswept),
                 "quick": args.quick,
                 "machine": info,
                 "settings": asdict(s),
