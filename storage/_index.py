@@ -293,7 +293,6 @@ class _Index:
 
 
 _OFFSET_ENTRY = struct.Struct(">II")
-_OFFSET_ENTRY_PACK_INTO = _OFFSET_ENTRY.pack_into
 assert _OFFSET_ENTRY.size == 8
 
 
@@ -304,17 +303,9 @@ class OffsetIndex(_Index):
     key_native = np.uint32
 
     def append(self, relative_offset: int, position: int) -> None:
-        # `_put` inlined: this runs for most appended batches.
-        entries = self.entries
         assert 0 <= relative_offset <= RELATIVE_OFFSET_LIMIT
         assert 0 <= position < 2**32
-        assert self.writable
-        assert self._mm is not None
-        assert self._keys is not None
-        assert entries < self.capacity, f"{self.path}: index full"
-        _OFFSET_ENTRY_PACK_INTO(self._mm._mmap, entries * 8, relative_offset, position)  # type: ignore[attr-defined]
-        self._keys[entries] = relative_offset
-        self.entries = entries + 1
+        self._put(relative_offset, position)
 
     def lookup(self, relative_offset: int) -> tuple[int, int]:
         """The last entry at or before `relative_offset`, or (0, 0) (the segment's start)."""

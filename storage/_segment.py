@@ -455,21 +455,16 @@ class Segment:
             raise StorageError(f"{len(headers)} batches in one append; at most {IOVECS_MAX // 2}")
         # Header fields by index on this per-batch path: 1 batchLength, 6 lastOffsetDelta,
         # 8 maxTimestamp.
-        one = len(headers) == 1
-        if one:  # the common case, without the loop
-            total = headers[0][1] + LOG_OVERHEAD
-            iov: list[bytes | memoryview] = [_pack_base_offset(self.next_offset), payload[8:total]]
-        else:
-            iov = []
-            offset = self.next_offset
-            pos = 0
-            for header in headers:
-                size = header[1] + LOG_OVERHEAD
-                iov.append(_pack_base_offset(offset))
-                iov.append(payload[pos + 8 : pos + size])
-                offset += header[6] + 1
-                pos += size
-            total = pos
+        iov: list[bytes | memoryview] = []
+        offset = self.next_offset
+        pos = 0
+        for header in headers:
+            size = header[1] + LOG_OVERHEAD
+            iov.append(_pack_base_offset(offset))
+            iov.append(payload[pos + 8 : pos + size])
+            offset += header[6] + 1
+            pos += size
+        total = pos
         start = self.size
         disk = _disk.disk
         try:
@@ -485,40 +480,13 @@ class Segment:
                     f"no space left on device writing {total} bytes to {self.log_path}"
                 ) from e
             raise StorageError(f"write to {self.log_path} failed: {e}") from e
-        if one:  # `_account` inlined: the same steps, for the one batch written at `start`
-            header = headers[0]
-            base_offset = self.next_offset
-            max_timestamp = header[8]
-            since = self.bytes_since_index
-            if since >= self.index_interval_bytes:
-                offsets = self.offset_index
-                if offsets.entries < offsets.capacity - 1:  # not `offsets.full`
-                    rel = base_offset - self.base_offset
-                    offsets.append(rel, start)
-                    newest = self.max_timestamp
-                    times = self.time_index
-                    if (
-                        newest is not None
-                        and times.entries < times.capacity - 1  # not `times.full`
-                        and (times.last_timestamp is None or newest > times.last_timestamp)
-                    ):
-                        times.append(newest, rel)
-                    since = 0
-            self.bytes_since_index = since + total
-            if self.first_timestamp is None:
-                self.first_timestamp = max_timestamp
-            newest = self.max_timestamp
-            if newest is None or max_timestamp > newest:
-                self.max_timestamp = max_timestamp
-            self.next_offset = base_offset + header[6] + 1
-        else:
-            pos = start
-            offset = self.next_offset
-            for header in headers:
-                size = header[1] + LOG_OVERHEAD
-                self._account(offset, header[6], size, header[8], pos)
-                offset += header[6] + 1
-                pos += size
+        pos = start
+        offset = self.next_offset
+        for header in headers:
+            size = header[1] + LOG_OVERHEAD
+            self._account(offset, header[6], size, header[8], pos)
+            offset += header[6] + 1
+            pos += size
         self.size = start + total
 
     def _account(
